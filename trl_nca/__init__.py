@@ -1,0 +1,23 @@
+"""NCA and InfoNCA (Chen et al., NeurIPS 2024) for TRL: drop-in DPOTrainer subclasses for K scored responses."""
+
+from .collator import DataCollatorForKResponses
+from .config import NCAConfig
+from .data import LAYOUTS, convert_to_k_responses, detect_layout, to_k_responses
+from .losses import infonca_loss, nca_loss, soft_labels
+from .trainer import InfoNCATrainer, NCATrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LAYOUTS",
+    "DataCollatorForKResponses",
+    "InfoNCATrainer",
+    "NCAConfig",
+    "NCATrainer",
+    "convert_to_k_responses",
+    "detect_layout",
+    "infonca_loss",
+    "nca_loss",
+    "soft_labels",
+    "to_k_responses",
+]

@@ -1,0 +1,93 @@
+"""Batches of K-response rows -> one padded tensor of sum(K_i) sequences, and where each one belongs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.data.data_collator import DataCollatorMixin
+from trl.trainer.utils import pad
+
+
+@dataclass
+class DataCollatorForKResponses(DataCollatorMixin):
+    """Flatten the K_i responses of every row into one right-padded batch of prompt+response sequences.
+
+    Each example holds `prompt_ids` (list of ints), `completion_ids` (K_i lists of ints), `rewards` (K_i floats) and,
+    when precomputed, `ref_logps` (K_i floats). The sequences come row by row, response by response, so sequence n
+    is the n-th True entry of `response_mask` in row-major order: `logps_bk[response_mask] = logps_flat` puts every
+    log-probability back at its (prompt, response) slot. The trainer reads only `input_ids`, `attention_mask`,
+    `completion_mask` and the `(B, K)` tensors, so a layout that encodes the prompt once can produce the same keys.
+
+    Each prompt+response is truncated to `max_length` before padding, as in TRL's `DataCollatorForPreference`.
+
+    Example:
+        >>> collator = DataCollatorForKResponses(pad_token_id=0)
+        >>> batch = collator([
+        ...     {"prompt_ids": [1, 2], "completion_ids": [[3], [4, 5], [6]], "rewards": [1.0, 0.5, 0.0]},
+        ...     {"prompt_ids": [7], "completion_ids": [[8, 9], [10]], "rewards": [0.0, 2.0]},
+        ... ])
+        >>> batch["input_ids"]
+        tensor([[ 1,  2,  3,  0],
+                [ 1,  2,  4,  5],
+                [ 1,  2,  6,  0],
+                [ 7,  8,  9,  0],
+                [ 7, 10,  0,  0]])
+        >>> batch["completion_mask"]
+        tensor([[0, 0, 1, 0],
+                [0, 0, 1, 1],
+                [0, 0, 1, 0],
+                [0, 1, 1, 0],
+                [0, 1, 0, 0]])
+        >>> batch["response_mask"]
+        tensor([[ True,  True,  True],
+                [ True,  True, False]])
+        >>> batch["rewards"]
+        tensor([[1.0000, 0.5000, 0.0000],
+                [0.0000, 2.0000, 0.0000]])
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.truncation_mode == "keep_start":
+            window = slice(None, self.max_length)
+        elif self.truncation_mode == "keep_end":
+            window = slice(-self.max_length, None) if self.max_length is not None else slice(None)
+        else:
+            raise ValueError(f"Unsupported truncation mode {self.truncation_mode!r}, expected 'keep_start' or 'keep_end'")
+
+        input_ids, completion_mask = [], []
+        for example in examples:
+            prompt = example["prompt_ids"]
+            for completion in example["completion_ids"]:
+                input_ids.append(torch.tensor((prompt + completion)[window]))
+                completion_mask.append(torch.tensor(([0] * len(prompt) + [1] * len(completion))[window]))
+        attention_mask = [torch.ones_like(ids) for ids in input_ids]
+
+        num_responses = torch.tensor([len(example["completion_ids"]) for example in examples])
+        response_mask = torch.arange(int(num_responses.max()))[None, :] < num_responses[:, None]
+
+        def per_response(key: str) -> torch.Tensor:
+            values = torch.zeros(response_mask.shape, dtype=torch.float32)
+            values[response_mask] = torch.tensor([v for example in examples for v in example[key]], dtype=torch.float32)
+            return values
+
+        def padded(sequences, value):
+            return pad(sequences, padding_value=value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+
+        batch = {
+            "input_ids": padded(input_ids, self.pad_token_id),
+            "attention_mask": padded(attention_mask, 0),
+            "completion_mask": padded(completion_mask, 0),
+            "response_mask": response_mask,
+            "rewards": per_response("rewards"),
+        }
+        if "ref_logps" in examples[0]:
+            batch["ref_logps"] = per_response("ref_logps")
+        return batch
