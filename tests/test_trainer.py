@@ -167,3 +167,38 @@ def test_trainer_reports_bad_rows_and_unknown_layouts(tokenizer, model, tmp_path
     with pytest.raises(ValueError, match=r"Cannot tell the layout.*Accepted layouts"):
         NCATrainer(model=model, args=nca_args(tmp_path), train_dataset=Dataset.from_dict({"text": ["x"]}),
                    processing_class=tokenizer)
+
+
+def test_model_given_as_a_local_path_and_as_a_peft_model(tokenizer, model, tmp_path):
+    from peft import get_peft_model
+
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    by_path = NCATrainer(model=str(path), args=nca_args(tmp_path), train_dataset=k_response_dataset())
+    assert by_path.ref_model is not None and by_path.ref_model is not by_path.model
+    by_path.train()
+    assert by_path.state.log_history[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-5)
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), lora)  # a non-zero adapter
+    trainer = NCATrainer(model=peft_model, args=nca_args(tmp_path), train_dataset=k_response_dataset(),
+                         processing_class=tokenizer)
+    assert "ref" in trainer.model.peft_config  # DPOTrainer's frozen copy of the adapter serves as the reference
+    trainer.train()
+    # the reference is the adapter as given (not the bare base model), so the first loss is NCA's 2 log 2
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-5)
+
+
+def test_streaming_dataset_and_text_rows_with_eos(tokenizer, model, tmp_path):
+    rows = [{"prompt": "The sky is", "completions": [" blue.", " green", " a tree."], "rewards": [2.0, 0.0, 1.0]}] * 4
+    text = Dataset.from_list(rows)
+    trainer = NCATrainer(model=model, args=nca_args(tmp_path), train_dataset=text, processing_class=tokenizer)
+    row = trainer.train_dataset[0]
+    assert all(ids[-1] == tokenizer.eos_token_id for ids in row["completion_ids"])
+    assert tokenizer.decode(row["prompt_ids"] + row["completion_ids"][0]) == "The sky is blue.<|im_end|>"
+
+    streamed = NCATrainer(model=copy.deepcopy(model), args=nca_args(tmp_path, max_steps=1),
+                          train_dataset=text.to_iterable_dataset(), processing_class=tokenizer)
+    streamed.train()
+    assert streamed.state.log_history[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-5)
