@@ -40,9 +40,22 @@ def assistant(text):
     return [{"role": "assistant", "content": text}]
 
 
-QUESTIONS = ["What is two plus two?", "Name a colour of the sky.", "Write a poem about the sea.", "Hello, who are you?"]
-ANSWERS = ["four", "The sky is blue.", "The sea and the wind and the stars.", "I am an assistant.", "three",
-           "green grass", "hello world", "Paris is the capital of France."]
+QUESTIONS = [
+    "What is two plus two?",
+    "Name a colour of the sky.",
+    "Write a poem about the sea.",
+    "Hello, who are you?",
+]
+ANSWERS = [
+    "four",
+    "The sky is blue.",
+    "The sea and the wind and the stars.",
+    "I am an assistant.",
+    "three",
+    "green grass",
+    "hello world",
+    "Paris is the capital of France.",
+]
 
 
 def pairwise_dataset(conversational: bool = True) -> Dataset:

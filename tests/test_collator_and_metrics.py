@@ -63,8 +63,13 @@ def test_metrics_against_hand_computed_values():
 
 
 def test_accuracy_is_undefined_when_all_data_rewards_tie_and_spearman_handles_ties():
-    m = k_response_metrics(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2), torch.tensor([[4.0, 4.0]]),
-                           torch.tensor([[True, True]]), beta=1.0)
+    m = k_response_metrics(
+        torch.tensor([[1.0, 2.0]]),
+        torch.zeros(1, 2),
+        torch.tensor([[4.0, 4.0]]),
+        torch.tensor([[True, True]]),
+        beta=1.0,
+    )
     assert math.isnan(m["rewards/accuracies"].item()) and math.isnan(m["rewards/spearman"].item())
     a = torch.tensor([[1.0, 2.0, 2.0, 4.0, 0.0]])
     b = torch.tensor([[10.0, 30.0, 20.0, 40.0, 99.0]])

@@ -39,7 +39,11 @@ def test_pairwise_rows_with_and_without_scores():
 
 def test_pairwise_implicit_prompt_is_the_common_prefix():
     row = {"chosen": USER + answer("red"), "rejected": USER + answer("car")}
-    assert to_k_responses(row) == {"prompt": USER, "completions": [answer("red"), answer("car")], "rewards": [1.0, 0.0]}
+    assert to_k_responses(row) == {
+        "prompt": USER,
+        "completions": [answer("red"), answer("car")],
+        "rewards": [1.0, 0.0],
+    }
 
 
 @pytest.mark.parametrize(
@@ -66,10 +70,22 @@ def test_raw_ultrafeedback_rows_and_reward_choice(field, expected):
 def test_ranked_columns_layout_with_ragged_rows():
     ds = Dataset.from_list(
         [
-            {"A0": USER + answer("red"), "A1": USER + answer("blue?"), "A2": USER + answer("car"),
-             "score_A0": 9.0, "score_A1": 5.0, "score_A2": 1.0},
-            {"A0": USER + answer("green"), "A1": USER + answer("tree"), "A2": None,
-             "score_A0": 7.0, "score_A1": 2.0, "score_A2": None},
+            {
+                "A0": USER + answer("red"),
+                "A1": USER + answer("blue?"),
+                "A2": USER + answer("car"),
+                "score_A0": 9.0,
+                "score_A1": 5.0,
+                "score_A2": 1.0,
+            },
+            {
+                "A0": USER + answer("green"),
+                "A1": USER + answer("tree"),
+                "A2": None,
+                "score_A0": 7.0,
+                "score_A1": 2.0,
+                "score_A2": None,
+            },
         ]
     )
     out = convert_to_k_responses(ds)
@@ -102,14 +118,22 @@ GOOD = {"prompt": "Q", "completions": ["a", "b"], "rewards": [1.0, 0.0]}
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ({"prompt": "Q", "completions": ["a", "b", "c"], "rewards": [1.0, 0.0]},
-         r"Row 1, columns 'completions' and 'rewards': 3 completions but 2 rewards"),
-        ({"prompt": "Q", "completions": ["a"], "rewards": [1.0]},
-         r"Row 1, column 'completions': expected at least 2 responses, got 1"),
-        ({"prompt": "Q", "completions": ["a", "b"], "rewards": [1.0, math.nan]},
-         r"Row 1, column 'rewards\[1\]': expected a finite number as reward, got nan"),
-        ({"prompt": "Q", "completions": ["a", "b"], "rewards": [math.inf, 0.0]},
-         r"Row 1, column 'rewards\[0\]': expected a finite number"),
+        (
+            {"prompt": "Q", "completions": ["a", "b", "c"], "rewards": [1.0, 0.0]},
+            r"Row 1, columns 'completions' and 'rewards': 3 completions but 2 rewards",
+        ),
+        (
+            {"prompt": "Q", "completions": ["a"], "rewards": [1.0]},
+            r"Row 1, column 'completions': expected at least 2 responses, got 1",
+        ),
+        (
+            {"prompt": "Q", "completions": ["a", "b"], "rewards": [1.0, math.nan]},
+            r"Row 1, column 'rewards\[1\]': expected a finite number as reward, got nan",
+        ),
+        (
+            {"prompt": "Q", "completions": ["a", "b"], "rewards": [math.inf, 0.0]},
+            r"Row 1, column 'rewards\[0\]': expected a finite number",
+        ),
     ],
 )
 def test_bad_canonical_rows_name_row_and_column(bad, message):
@@ -118,25 +142,44 @@ def test_bad_canonical_rows_name_row_and_column(bad, message):
 
 
 def test_non_numeric_reward_names_row_and_column():
-    ds = Dataset.from_dict({"prompt": ["Q", "Q"], "completions": [["a", "b"]] * 2, "rewards": [["1", "2"], ["1", "good"]]})
-    with pytest.raises(ValueError, match=r"Row 1, column 'rewards\[1\]': expected a finite number as reward, got 'good'"):
+    ds = Dataset.from_dict(
+        {"prompt": ["Q", "Q"], "completions": [["a", "b"]] * 2, "rewards": [["1", "2"], ["1", "good"]]}
+    )
+    with pytest.raises(
+        ValueError, match=r"Row 1, column 'rewards\[1\]': expected a finite number as reward, got 'good'"
+    ):
         convert_to_k_responses(ds)
 
 
 def test_bad_source_layout_values_name_their_own_columns():
     pairs = Dataset.from_dict(
-        {"prompt": ["Q"] * 3, "chosen": ["a"] * 3, "rejected": ["b"] * 3, "score_chosen": [1.0, None, 2.0],
-         "score_rejected": [0.0, 0.0, 1.0]}
+        {
+            "prompt": ["Q"] * 3,
+            "chosen": ["a"] * 3,
+            "rejected": ["b"] * 3,
+            "score_chosen": [1.0, None, 2.0],
+            "score_rejected": [0.0, 0.0, 1.0],
+        }
     )
     with pytest.raises(ValueError, match=r"Row 1, column 'score_chosen': expected a finite number"):
         convert_to_k_responses(pairs)
     ranked = Dataset.from_dict(
-        {"A0": [USER + answer("a")] * 2, "A1": [USER + answer("b")] * 2, "score_A0": ["1", "2"], "score_A1": ["0", "x"]}
+        {
+            "A0": [USER + answer("a")] * 2,
+            "A1": [USER + answer("b")] * 2,
+            "score_A0": ["1", "2"],
+            "score_A1": ["0", "x"],
+        }
     )
     with pytest.raises(ValueError, match=r"Row 1, column 'score_A1'"):
         convert_to_k_responses(ranked)
-    uf = {"instruction": "Q", "completions": [ultrafeedback_completion("a", 1, 1, ["1"] * 4),
-                                              ultrafeedback_completion("b", None, 1, ["N/A"] * 4)]}
+    uf = {
+        "instruction": "Q",
+        "completions": [
+            ultrafeedback_completion("a", 1, 1, ["1"] * 4),
+            ultrafeedback_completion("b", None, 1, ["N/A"] * 4),
+        ],
+    }
     with pytest.raises(ValueError, match=r"Row 3, column 'completions\[1\].overall_score'"):
         to_k_responses(uf, row=3)
     with pytest.raises(ValueError, match=r"Row 3, column 'completions\[1\].annotations': no numeric `Rating`"):
@@ -144,8 +187,11 @@ def test_bad_source_layout_values_name_their_own_columns():
 
 
 def test_unknown_or_incomplete_layout_lists_the_accepted_ones():
-    with pytest.raises(ValueError, match=r"Cannot tell the layout .*\['question', 'text'\].*k_responses: `prompt`, "
-                                         r"`completions`.*preference: .*ultrafeedback: .*ranked_columns: "):
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot tell the layout .*\['question', 'text'\].*k_responses: `prompt`, "
+        r"`completions`.*preference: .*ultrafeedback: .*ranked_columns: ",
+    ):
         convert_to_k_responses(Dataset.from_dict({"question": ["Q"], "text": ["a"]}))
     with pytest.raises(ValueError, match=r"Column 'prompt' is missing"):
         convert_to_k_responses(Dataset.from_dict({"completions": [["a", "b"]], "rewards": [[1.0, 0.0]]}))

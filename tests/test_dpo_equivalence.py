@@ -26,13 +26,24 @@ def first_batch_loss_and_grads(trainer):
 
 @pytest.mark.parametrize("conversational", [True, False])
 @pytest.mark.parametrize("ours_cls, loss_type", CASES)
-def test_first_step_loss_and_gradient_match_dpo(ours_cls, loss_type, conversational, tokenizer, model, other_model,
-                                                tmp_path):
+def test_first_step_loss_and_gradient_match_dpo(
+    ours_cls, loss_type, conversational, tokenizer, model, other_model, tmp_path
+):
     data = pairwise_dataset(conversational)
-    dpo = DPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(other_model),
-                     args=dpo_args(tmp_path, loss_type=loss_type), train_dataset=data, processing_class=tokenizer)
-    ours = ours_cls(model=copy.deepcopy(model), ref_model=copy.deepcopy(other_model),
-                    args=nca_args(tmp_path), train_dataset=data, processing_class=tokenizer)
+    dpo = DPOTrainer(
+        model=copy.deepcopy(model),
+        ref_model=copy.deepcopy(other_model),
+        args=dpo_args(tmp_path, loss_type=loss_type),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    ours = ours_cls(
+        model=copy.deepcopy(model),
+        ref_model=copy.deepcopy(other_model),
+        args=nca_args(tmp_path),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
 
     dpo_loss, dpo_grads = first_batch_loss_and_grads(dpo)
     our_loss, our_grads = first_batch_loss_and_grads(ours)
@@ -47,23 +58,45 @@ def test_first_step_loss_and_gradient_match_dpo(ours_cls, loss_type, conversatio
 @pytest.mark.parametrize("ours_cls, loss_type", CASES)
 def test_one_training_step_logs_dpo_keys_with_dpo_values(ours_cls, loss_type, tokenizer, model, other_model, tmp_path):
     data = pairwise_dataset()
-    dpo = DPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(other_model),
-                     args=dpo_args(tmp_path, loss_type=loss_type), train_dataset=data, processing_class=tokenizer)
-    ours = ours_cls(model=copy.deepcopy(model), ref_model=copy.deepcopy(other_model),
-                    args=nca_args(tmp_path), train_dataset=data, processing_class=tokenizer)
+    dpo = DPOTrainer(
+        model=copy.deepcopy(model),
+        ref_model=copy.deepcopy(other_model),
+        args=dpo_args(tmp_path, loss_type=loss_type),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    ours = ours_cls(
+        model=copy.deepcopy(model),
+        ref_model=copy.deepcopy(other_model),
+        args=nca_args(tmp_path),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
     dpo.train()
     ours.train()
     dpo_log, our_log = dpo.state.log_history[0], ours.state.log_history[0]
-    for key in ["loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "entropy", "num_tokens", "mean_token_accuracy"]:
+    for key in [
+        "loss",
+        "grad_norm",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "entropy",
+        "num_tokens",
+        "mean_token_accuracy",
+    ]:
         assert our_log[key] == pytest.approx(dpo_log[key], rel=1e-5, abs=1e-6), key
 
 
 def test_dpo_script_with_dpo_config_runs_unchanged(tokenizer, model, tmp_path):
     """Swapping the class in a DPO script: a DPOConfig, no ref_model, a model instance without a hub id."""
     data = pairwise_dataset()
-    trainer = NCATrainer(model=model, args=dpo_args(tmp_path, max_steps=2), train_dataset=data,
-                         processing_class=tokenizer)
+    trainer = NCATrainer(
+        model=model, args=dpo_args(tmp_path, max_steps=2), train_dataset=data, processing_class=tokenizer
+    )
     assert trainer.args.beta == 0.5 and trainer.args.reward_temperature == 0.01
     initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()

@@ -83,8 +83,12 @@ def test_row_loss_does_not_depend_on_padding_width(loss_fn):
     pad = torch.zeros(1, 5, dtype=torch.float64)
     wide_mask = torch.tensor([[True, True, True] + [False] * 5])
     wide = loss_fn(
-        torch.cat([policy, pad], 1), torch.cat([ref, pad], 1), torch.cat([rewards, pad + 9], 1), wide_mask,
-        beta=BETA, reward_temperature=0.3,
+        torch.cat([policy, pad], 1),
+        torch.cat([ref, pad], 1),
+        torch.cat([rewards, pad + 9], 1),
+        wide_mask,
+        beta=BETA,
+        reward_temperature=0.3,
     )
     torch.testing.assert_close(wide, narrow)
 
@@ -119,7 +123,9 @@ def test_values_at_initialisation(alpha):
 
 def test_infonca_gradient_sums_to_zero_and_nca_pushes_labelled_response_up():
     policy, ref, rewards, mask, _ = ragged_inputs()
-    (g_info,) = torch.autograd.grad(infonca_loss(policy, ref, rewards, mask, beta=BETA, reward_temperature=0).sum(), policy)
+    (g_info,) = torch.autograd.grad(
+        infonca_loss(policy, ref, rewards, mask, beta=BETA, reward_temperature=0).sum(), policy
+    )
     torch.testing.assert_close(g_info.sum(-1), torch.zeros(mask.size(0), dtype=torch.float64), atol=1e-12, rtol=0)
 
     same = torch.zeros(1, 4, dtype=torch.float64, requires_grad=True)

@@ -27,21 +27,35 @@ def arithmetic_rows():
     rows = []
     for a, b in [(3, 4), (7, 5), (12, 9), (6, 8)]:
         right = a + b
-        rows.append({
-            "prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
-            "completions": [[{"role": "assistant", "content": text}] for text in
-                            [f"{a} + {b} = {right}.", f"The answer is {right}.", f"{a} + {b} = {right + 1}.", "I don't know."]],
-            "rewards": [1.0, 0.9, 0.0, -0.5],
-        })
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
+                "completions": [
+                    [{"role": "assistant", "content": text}]
+                    for text in [
+                        f"{a} + {b} = {right}.",
+                        f"The answer is {right}.",
+                        f"{a} + {b} = {right + 1}.",
+                        "I don't know.",
+                    ]
+                ],
+                "rewards": [1.0, 0.9, 0.0, -0.5],
+            }
+        )
     return Dataset.from_list(rows)
 
 
 @pytest.mark.parametrize("cls, first_loss", [(NCATrainer, 2 * math.log(2)), (InfoNCATrainer, math.log(4))])
 def test_two_steps_on_smollm2(cls, first_loss, smollm2, tmp_path):
     model, tokenizer = smollm2
-    trainer = cls(model=copy.deepcopy(model), args=nca_args(tmp_path, max_steps=2, per_device_train_batch_size=2,
-                                                            learning_rate=1e-5, beta=0.1, reward_temperature=0.1),
-                  train_dataset=arithmetic_rows(), processing_class=tokenizer)
+    trainer = cls(
+        model=copy.deepcopy(model),
+        args=nca_args(
+            tmp_path, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-5, beta=0.1, reward_temperature=0.1
+        ),
+        train_dataset=arithmetic_rows(),
+        processing_class=tokenizer,
+    )
     before = trainer.model.model.layers[0].mlp.down_proj.weight.detach().clone()
     trainer.train()
     first, second = trainer.state.log_history[:2]

@@ -23,11 +23,17 @@ def loss_of(trainer, indices):
 
 
 @pytest.mark.parametrize("cls", TRAINERS)
-def test_row_loss_does_not_change_when_batched_with_longer_rows_or_more_responses(cls, tokenizer, model, other_model,
-                                                                                   tmp_path):
+def test_row_loss_does_not_change_when_batched_with_longer_rows_or_more_responses(
+    cls, tokenizer, model, other_model, tmp_path
+):
     data = k_response_dataset(counts=(2, 4, 3))
-    trainer = cls(model=model, ref_model=other_model, args=nca_args(tmp_path, reward_temperature=0.7),
-                  train_dataset=data, processing_class=tokenizer)
+    trainer = cls(
+        model=model,
+        ref_model=other_model,
+        args=nca_args(tmp_path, reward_temperature=0.7),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
     lengths = [max(len(c) for c in row["completion_ids"]) + len(row["prompt_ids"]) for row in trainer.train_dataset]
     assert lengths[1] > lengths[0]  # row 1 is longer and has more responses, so row 0 gets padded
     alone = [loss_of(trainer, [i]) for i in range(3)]
@@ -41,23 +47,38 @@ def test_row_loss_does_not_change_when_batched_with_longer_rows_or_more_response
 def test_precomputed_reference_logps_give_the_same_loss(cls, with_ref_model, tokenizer, model, other_model, tmp_path):
     data = k_response_dataset()
     ref = (lambda: copy.deepcopy(other_model)) if with_ref_model else (lambda: None)
-    live = cls(model=copy.deepcopy(model), ref_model=ref(), args=nca_args(tmp_path, reward_temperature=0.5),
-               train_dataset=data, processing_class=tokenizer)
-    cached = cls(model=copy.deepcopy(model), ref_model=ref(),
-                 args=nca_args(tmp_path, reward_temperature=0.5, precompute_ref_log_probs=True),
-                 train_dataset=data, processing_class=tokenizer)
+    live = cls(
+        model=copy.deepcopy(model),
+        ref_model=ref(),
+        args=nca_args(tmp_path, reward_temperature=0.5),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
+    cached = cls(
+        model=copy.deepcopy(model),
+        ref_model=ref(),
+        args=nca_args(tmp_path, reward_temperature=0.5, precompute_ref_log_probs=True),
+        train_dataset=data,
+        processing_class=tokenizer,
+    )
     assert [len(r) for r in cached.train_dataset["ref_logps"]] == [len(c) for c in data["completions"]]
     for indices in ([0, 1, 2, 3], [4, 5, 6, 7]):
         assert loss_of(cached, indices) == pytest.approx(loss_of(live, indices), rel=1e-6)
     if not with_ref_model:  # the reference is the initial policy: the loss at initialisation
         assert loss_of(cached, [0, 1, 2, 3]) == pytest.approx(
-            2 * math.log(2) if cls is NCATrainer else sum(math.log(k) for k in (4, 2, 3, 4)) / 4, rel=1e-6)
+            2 * math.log(2) if cls is NCATrainer else sum(math.log(k) for k in (4, 2, 3, 4)) / 4, rel=1e-6
+        )
 
 
 def test_lora_trains_only_the_adapter_against_the_disabled_adapter_reference(tokenizer, model, tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = NCATrainer(model=model, args=nca_args(tmp_path, max_steps=2), train_dataset=k_response_dataset(),
-                         processing_class=tokenizer, peft_config=lora)
+    trainer = NCATrainer(
+        model=model,
+        args=nca_args(tmp_path, max_steps=2),
+        train_dataset=k_response_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
     assert trainer.ref_model is None
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -73,8 +94,9 @@ def test_lora_trains_only_the_adapter_against_the_disabled_adapter_reference(tok
 def test_evaluate_logs_the_loss_and_k_response_metrics(cls, tokenizer, model, tmp_path):
     counts = (4, 2, 3, 4, 3, 2, 4, 4)
     data = k_response_dataset(counts)
-    trainer = cls(model=model, args=nca_args(tmp_path), train_dataset=data, eval_dataset=data,
-                  processing_class=tokenizer)
+    trainer = cls(
+        model=model, args=nca_args(tmp_path), train_dataset=data, eval_dataset=data, processing_class=tokenizer
+    )
     metrics = trainer.evaluate()
     # policy == reference before training: NCA gives 2 log 2 per prompt, InfoNCA log K_i
     expected = 2 * math.log(2) if cls is NCATrainer else sum(math.log(k) for k in counts) / len(counts)
@@ -88,12 +110,28 @@ def test_evaluate_logs_the_loss_and_k_response_metrics(cls, tokenizer, model, tm
 
 
 def test_training_logs_k_response_metrics(tokenizer, model, other_model, tmp_path):
-    trainer = NCATrainer(model=model, ref_model=other_model, args=nca_args(tmp_path, max_steps=2),
-                         train_dataset=k_response_dataset(), processing_class=tokenizer)
+    trainer = NCATrainer(
+        model=model,
+        ref_model=other_model,
+        args=nca_args(tmp_path, max_steps=2),
+        train_dataset=k_response_dataset(),
+        processing_class=tokenizer,
+    )
     trainer.train()
     log = trainer.state.log_history[0]
-    for key in ["loss", "rewards/accuracies", "rewards/margins", "rewards/best", "rewards/worst", "logps/best",
-                "logps/worst", "rewards/spearman", "entropy", "num_tokens", "mean_token_accuracy"]:
+    for key in [
+        "loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "rewards/best",
+        "rewards/worst",
+        "logps/best",
+        "logps/worst",
+        "rewards/spearman",
+        "entropy",
+        "num_tokens",
+        "mean_token_accuracy",
+    ]:
         assert math.isfinite(log[key]), key
     assert -1.0 <= log["rewards/spearman"] <= 1.0
     assert log["logps/best"] < 0 and log["logps/worst"] < 0
@@ -102,8 +140,9 @@ def test_training_logs_k_response_metrics(tokenizer, model, other_model, tmp_pat
 
 
 def test_save_load_and_model_card(tokenizer, model, tmp_path):
-    trainer = InfoNCATrainer(model=model, args=nca_args(tmp_path), train_dataset=k_response_dataset(),
-                             processing_class=tokenizer)
+    trainer = InfoNCATrainer(
+        model=model, args=nca_args(tmp_path), train_dataset=k_response_dataset(), processing_class=tokenizer
+    )
     trainer.train()
     out = tmp_path / "saved"
     trainer.save_model(str(out))
@@ -129,12 +168,17 @@ def test_sync_ref_model_copies_the_policy_into_the_reference(tokenizer, model, t
 
 def test_rows_whose_prompt_fills_max_length_are_dropped_with_one_warning(tokenizer, model, tmp_path, caplog):
     data = k_response_dataset(counts=(2, 2, 3))
-    data = Dataset.from_list([
-        data[0], {**data[1], "prompt": user("What is two plus two? " * 40)}, {**data[2], "prompt": user("hi " * 50)},
-    ])
+    data = Dataset.from_list(
+        [
+            data[0],
+            {**data[1], "prompt": user("What is two plus two? " * 40)},
+            {**data[2], "prompt": user("hi " * 50)},
+        ]
+    )
     with caplog.at_level(logging.WARNING, logger="trl_nca"):
-        trainer = NCATrainer(model=model, args=nca_args(tmp_path, max_length=48), train_dataset=data,
-                             processing_class=tokenizer)
+        trainer = NCATrainer(
+            model=model, args=nca_args(tmp_path, max_length=48), train_dataset=data, processing_class=tokenizer
+        )
     assert len(trainer.train_dataset) == 1
     warnings = [r.getMessage() for r in caplog.records if "Dropped" in r.getMessage()]
     assert len(warnings) == 1 and "Dropped 2 of 3 rows of the train dataset" in warnings[0]
@@ -144,8 +188,14 @@ def test_rows_whose_prompt_fills_max_length_are_dropped_with_one_warning(tokeniz
 
 @pytest.mark.parametrize(
     "field, value",
-    [("loss_type", "ipo"), ("loss_weights", [1.0]), ("ld_alpha", 0.5), ("f_divergence_type", "js_divergence"),
-     ("label_smoothing", 0.1), ("use_weighting", True)],
+    [
+        ("loss_type", "ipo"),
+        ("loss_weights", [1.0]),
+        ("ld_alpha", 0.5),
+        ("f_divergence_type", "js_divergence"),
+        ("label_smoothing", 0.1),
+        ("use_weighting", True),
+    ],
 )
 def test_dpo_only_options_raise_instead_of_being_ignored(field, value, tmp_path):
     with pytest.raises(ValueError, match=f"`{field}=.*has no meaning for NCA or InfoNCA"):
@@ -160,13 +210,18 @@ def test_negative_reward_temperature_and_unknown_ultrafeedback_reward_raise(tmp_
 
 
 def test_trainer_reports_bad_rows_and_unknown_layouts(tokenizer, model, tmp_path):
-    bad = Dataset.from_dict({"prompt": ["a", "b"], "completions": [["x", "y"], ["x", "y", "z"]],
-                             "rewards": [[1.0, 0.0], [1.0, 0.0]]})
+    bad = Dataset.from_dict(
+        {"prompt": ["a", "b"], "completions": [["x", "y"], ["x", "y", "z"]], "rewards": [[1.0, 0.0], [1.0, 0.0]]}
+    )
     with pytest.raises(ValueError, match=r"Row 1, columns 'completions' and 'rewards': 3 completions but 2 rewards"):
         NCATrainer(model=model, args=nca_args(tmp_path), train_dataset=bad, processing_class=tokenizer)
     with pytest.raises(ValueError, match=r"Cannot tell the layout.*Accepted layouts"):
-        NCATrainer(model=model, args=nca_args(tmp_path), train_dataset=Dataset.from_dict({"text": ["x"]}),
-                   processing_class=tokenizer)
+        NCATrainer(
+            model=model,
+            args=nca_args(tmp_path),
+            train_dataset=Dataset.from_dict({"text": ["x"]}),
+            processing_class=tokenizer,
+        )
 
 
 def test_model_given_as_a_local_path_and_as_a_peft_model(tokenizer, model, tmp_path):
@@ -180,10 +235,13 @@ def test_model_given_as_a_local_path_and_as_a_peft_model(tokenizer, model, tmp_p
     by_path.train()
     assert by_path.state.log_history[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-5)
 
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False
+    )
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), lora)  # a non-zero adapter
-    trainer = NCATrainer(model=peft_model, args=nca_args(tmp_path), train_dataset=k_response_dataset(),
-                         processing_class=tokenizer)
+    trainer = NCATrainer(
+        model=peft_model, args=nca_args(tmp_path), train_dataset=k_response_dataset(), processing_class=tokenizer
+    )
     assert "ref" in trainer.model.peft_config  # DPOTrainer's frozen copy of the adapter serves as the reference
     trainer.train()
     # the reference is the adapter as given (not the bare base model), so the first loss is NCA's 2 log 2
@@ -198,7 +256,11 @@ def test_streaming_dataset_and_text_rows_with_eos(tokenizer, model, tmp_path):
     assert all(ids[-1] == tokenizer.eos_token_id for ids in row["completion_ids"])
     assert tokenizer.decode(row["prompt_ids"] + row["completion_ids"][0]) == "The sky is blue.<|im_end|>"
 
-    streamed = NCATrainer(model=copy.deepcopy(model), args=nca_args(tmp_path, max_steps=1),
-                          train_dataset=text.to_iterable_dataset(), processing_class=tokenizer)
+    streamed = NCATrainer(
+        model=copy.deepcopy(model),
+        args=nca_args(tmp_path, max_steps=1),
+        train_dataset=text.to_iterable_dataset(),
+        processing_class=tokenizer,
+    )
     streamed.train()
     assert streamed.state.log_history[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-5)

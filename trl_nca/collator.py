@@ -60,7 +60,9 @@ class DataCollatorForKResponses(DataCollatorMixin):
         elif self.truncation_mode == "keep_end":
             window = slice(-self.max_length, None) if self.max_length is not None else slice(None)
         else:
-            raise ValueError(f"Unsupported truncation mode {self.truncation_mode!r}, expected 'keep_start' or 'keep_end'")
+            raise ValueError(
+                f"Unsupported truncation mode {self.truncation_mode!r}, expected 'keep_start' or 'keep_end'"
+            )
 
         input_ids, completion_mask = [], []
         for example in examples:
@@ -75,11 +77,15 @@ class DataCollatorForKResponses(DataCollatorMixin):
 
         def per_response(key: str) -> torch.Tensor:
             values = torch.zeros(response_mask.shape, dtype=torch.float32)
-            values[response_mask] = torch.tensor([v for example in examples for v in example[key]], dtype=torch.float32)
+            values[response_mask] = torch.tensor(
+                [v for example in examples for v in example[key]], dtype=torch.float32
+            )
             return values
 
         def padded(sequences, value):
-            return pad(sequences, padding_value=value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+            return pad(
+                sequences, padding_value=value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of
+            )
 
         batch = {
             "input_ids": padded(input_ids, self.pad_token_id),

@@ -72,7 +72,7 @@ class NCAConfig(DPOConfig):
             )
 
     @classmethod
-    def from_dpo_config(cls, args: DPOConfig, **overrides) -> "NCAConfig":
+    def from_dpo_config(cls, args: DPOConfig, **overrides) -> NCAConfig:
         """An `NCAConfig` with the values of an existing `DPOConfig` (for scripts written for DPOTrainer)."""
         values = {f.name: getattr(args, f.name) for f in fields(DPOConfig) if f.init}
         values.update(overrides)

@@ -71,7 +71,9 @@ def _reward(value: Any, row: int | None, column: str) -> float:
 
 def _check_responses(completions: Any, rewards: list[float], row: int | None, column: str) -> None:
     if not isinstance(completions, (list, tuple)):
-        raise ValueError(f"Row {row}, column '{column}': expected a list of responses, got {type(completions).__name__}.")
+        raise ValueError(
+            f"Row {row}, column '{column}': expected a list of responses, got {type(completions).__name__}."
+        )
     if len(completions) < 2:
         raise ValueError(
             f"Row {row}, column '{column}': expected at least 2 responses, got {len(completions)}. NCA and InfoNCA "
@@ -158,13 +160,17 @@ def _ultrafeedback(example: dict, row: int | None, reward_field: str) -> dict:
         responses.append([{"role": "assistant", "content": completion["response"]}])
         rewards.append(reward)
     _check_responses(responses, rewards, row, "completions")
-    return {"prompt": [{"role": "user", "content": example["instruction"]}], "completions": responses, "rewards": rewards}
+    return {
+        "prompt": [{"role": "user", "content": example["instruction"]}],
+        "completions": responses,
+        "rewards": rewards,
+    }
 
 
 def _ranked_columns(example: dict, row: int | None) -> dict:
     names = sorted((int(m.group(1)), key) for key in example if (m := _RANKED_COLUMN.match(key)))
     answers, rewards = [], []
-    for k, name in names:
+    for _, name in names:
         if example[name] is None and example.get(f"score_{name}") is None:
             continue  # this row has fewer responses than the widest one
         if example[name] is None:

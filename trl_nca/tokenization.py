@@ -18,7 +18,11 @@ logger = logging.get_logger(__name__)
 
 def _token_ids(tokenizer: PreTrainedTokenizerBase, text_or_messages, **chat_kwargs) -> list[int]:
     if isinstance(text_or_messages, list):  # conversational: a list of messages
-        return list(tokenizer.apply_chat_template(text_or_messages, tokenize=True, return_dict=True, **chat_kwargs)["input_ids"])
+        return list(
+            tokenizer.apply_chat_template(text_or_messages, tokenize=True, return_dict=True, **chat_kwargs)[
+                "input_ids"
+            ]
+        )
     return list(tokenizer(text=text_or_messages)["input_ids"])
 
 
@@ -29,7 +33,10 @@ def tokenize_k_responses(example: dict, tokenizer: PreTrainedTokenizerBase) -> d
     """
     prompt, completions = example["prompt"], example["completions"]
     tools = example.get("tools")
-    chat_kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools, **(example.get("chat_template_kwargs") or {})}
+    chat_kwargs = {
+        "tools": json.loads(tools) if isinstance(tools, str) else tools,
+        **(example.get("chat_template_kwargs") or {}),
+    }
     if isinstance(prompt, list):
         prompt_ids = _token_ids(tokenizer, prompt, add_generation_prompt=True, **chat_kwargs)
         full_ids = [_token_ids(tokenizer, prompt + completion, **chat_kwargs) for completion in completions]

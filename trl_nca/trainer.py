@@ -54,7 +54,8 @@ _NCA_PAPER = {
             title        = {{Noise Contrastive Alignment of Language Models with Explicit Rewards}},
             author       = {Huayu Chen and Guande He and Lifan Yuan and Ganqu Cui and Hang Su and Jun Zhu},
             year         = 2024,
-            booktitle    = {Advances in Neural Information Processing Systems 38: Annual Conference on Neural Information Processing Systems 2024, NeurIPS 2024},
+            booktitle    = {Advances in Neural Information Processing Systems 37 (NeurIPS 2024)},
+            eprint       = {2402.05369},
         }"""),
 }
 
@@ -104,7 +105,9 @@ class _KResponseTrainer(DPOTrainer):
 
         if processing_class is None:  # as DPOTrainer does, but the collator below needs the pad token now
             model_id = model if isinstance(model, str) else get_config_model_id(model.config)
-            revision = (args.model_init_kwargs or {}).get("revision") if isinstance(args.model_init_kwargs, dict) else None
+            revision = (
+                (args.model_init_kwargs or {}).get("revision") if isinstance(args.model_init_kwargs, dict) else None
+            )
             processing_class = AutoProcessor.from_pretrained(
                 model_id, revision=revision, trust_remote_code=args.trust_remote_code
             )
@@ -166,8 +169,9 @@ class _KResponseTrainer(DPOTrainer):
                     )
                 elif len(dataset) < before:
                     logger.warning(
-                        f"Dropped {before - len(dataset)} of {before} rows of the {dataset_name} dataset: their prompt "
-                        f"alone has max_length={args.max_length} tokens or more, so no response token would remain."
+                        f"Dropped {before - len(dataset)} of {before} rows of the {dataset_name} dataset: their "
+                        f"prompt alone has max_length={args.max_length} tokens or more, so no response token would "
+                        "remain."
                     )
         return dataset
 
