@@ -264,3 +264,19 @@ def test_streaming_dataset_and_text_rows_with_eos(tokenizer, model, tmp_path):
     )
     streamed.train()
     assert streamed.state.log_history[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-5)
+
+
+def test_compute_metrics_receives_logits_of_every_response(tokenizer, model, tmp_path):
+    data = k_response_dataset(counts=(4, 2, 3, 4))
+    seen = {}
+
+    def compute_metrics(prediction):
+        seen["shape"] = prediction.predictions.shape
+        return {"responses": float(prediction.predictions.shape[0])}
+
+    trainer = NCATrainer(model=model, args=nca_args(tmp_path), train_dataset=data, eval_dataset=data,
+                         processing_class=tokenizer, compute_metrics=compute_metrics)
+    metrics = trainer.evaluate()
+    assert metrics["eval_responses"] == 13.0  # one sequence per response: 4 + 2 + 3 + 4
+    assert seen["shape"][-1] == len(tokenizer)
+    assert metrics["eval_loss"] == pytest.approx(2 * math.log(2), rel=1e-6)
