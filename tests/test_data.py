@@ -195,3 +195,18 @@ def test_unknown_or_incomplete_layout_lists_the_accepted_ones():
         convert_to_k_responses(Dataset.from_dict({"question": ["Q"], "text": ["a"]}))
     with pytest.raises(ValueError, match=r"Column 'prompt' is missing"):
         convert_to_k_responses(Dataset.from_dict({"completions": [["a", "b"]], "rewards": [[1.0, 0.0]]}))
+
+
+def test_binarized_rows_with_a_text_prompt_copy_take_the_prompt_from_the_conversations():
+    row = {
+        "prompt": "Name a colour.",
+        "chosen": USER + answer("red"),
+        "rejected": USER + answer("car"),
+        "score_chosen": 9.0,
+        "score_rejected": 2.0,
+    }
+    assert to_k_responses(row) == {
+        "prompt": USER,
+        "completions": [answer("red"), answer("car")],
+        "rewards": [9.0, 2.0],
+    }

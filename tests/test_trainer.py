@@ -274,8 +274,14 @@ def test_compute_metrics_receives_logits_of_every_response(tokenizer, model, tmp
         seen["shape"] = prediction.predictions.shape
         return {"responses": float(prediction.predictions.shape[0])}
 
-    trainer = NCATrainer(model=model, args=nca_args(tmp_path), train_dataset=data, eval_dataset=data,
-                         processing_class=tokenizer, compute_metrics=compute_metrics)
+    trainer = NCATrainer(
+        model=model,
+        args=nca_args(tmp_path),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+    )
     metrics = trainer.evaluate()
     assert metrics["eval_responses"] == 13.0  # one sequence per response: 4 + 2 + 3 + 4
     assert seen["shape"][-1] == len(tokenizer)

@@ -104,9 +104,21 @@ def _split_prompt(conversations: list[list[dict]]) -> tuple[list[dict], list[lis
     return conversations[0][:prefix], [messages[prefix:] for messages in conversations]
 
 
+def _has_explicit_prompt(example: dict, answers: list) -> bool:
+    """Whether the row's `prompt` column is the prompt of its answers.
+
+    UltraFeedback-binarized keeps a text `prompt` next to whole conversations (user turn included) in `chosen` and
+    `rejected`; there the conversations carry the prompt, and the text column is only a copy of it.
+    """
+    prompt = example.get("prompt")
+    if prompt is None:
+        return False
+    return not (isinstance(prompt, str) and answers and all(isinstance(a, list) for a in answers))
+
+
 def _preference(example: dict, row: int | None) -> dict:
     chosen, rejected = example["chosen"], example["rejected"]
-    if "prompt" in example and example["prompt"] is not None:
+    if _has_explicit_prompt(example, [chosen, rejected]):
         prompt = example["prompt"]
     elif isinstance(chosen, list) and isinstance(rejected, list):
         prompt, (chosen, rejected) = _split_prompt([chosen, rejected])
@@ -177,7 +189,7 @@ def _ranked_columns(example: dict, row: int | None) -> dict:
             raise ValueError(f"Row {row}, column '{name}': missing response while `score_{name}` is set.")
         answers.append(example[name])
         rewards.append(_reward(example.get(f"score_{name}"), row, f"score_{name}"))
-    if "prompt" in example and example["prompt"] is not None:
+    if _has_explicit_prompt(example, answers):
         prompt, completions = example["prompt"], answers
     elif answers and all(isinstance(a, list) for a in answers):
         prompt, completions = _split_prompt(answers)

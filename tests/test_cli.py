@@ -1,0 +1,459 @@
+"""The `trl-nca` command and recipes/: parsing, 2-step runs on CPU, DDP equivalence, resume, prepare, QLoRA."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import build_tokenizer
+from datasets import Dataset, DatasetDict, load_from_disk
+from helpers import k_response_dataset
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainerCallback
+
+from trl_nca import cli
+from trl_nca.prepare import prepare_ultrafeedback
+from trl_nca.train import main, make_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+TRAINING_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if "accelerate" not in p.parts)
+ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate").glob("*.yaml"))
+# The documented overrides that switch a GPU recipe's GPU-only fields off for a CPU run (recipes/README.md)
+CPU_OVERRIDES = [
+    "--bf16",
+    "false",
+    "--use_cpu",
+    "true",
+    "--dtype",
+    "float32",
+    "--optim",
+    "adamw_torch",
+    "--gradient_checkpointing",
+    "false",
+]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny Llama (hidden 64, so bitsandbytes can quantize it) and K-response data as JSONL and save_to_disk."""
+    root = tmp_path_factory.mktemp("assets")
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    data = k_response_dataset()
+    data.to_json(root / "data.jsonl")
+    DatasetDict({"train": data, "test": data.select(range(4))}).save_to_disk(root / "data_dir")
+    Dataset.from_list(list(data)[:4]).to_json(root / "data4.jsonl")
+    return root
+
+
+def parse(args):
+    return make_parser().parse_args_and_config(args)[:4]
+
+
+@pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_training_recipe_parses_with_no_unknown_key_and_says_how_to_run(recipe):
+    keys = set(yaml.safe_load(recipe.read_text()))
+    dests = {action.dest for action in make_parser()._actions}
+    assert keys <= dests, f"unknown keys: {keys - dests}"
+    script_args, training_args, model_args, _ = parse(["--config", str(recipe), *CPU_OVERRIDES])
+    assert model_args.model_name_or_path and script_args.dataset_name
+    header = recipe.read_text().splitlines()[:6]
+    assert any("trl_nca" in line or "trl-nca" in line for line in header), "the recipe must start with its command"
+
+
+@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_config_parses(config):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    ClusterConfig.from_yaml_file(str(config))  # raises on unknown keys
+
+
+def test_paper_hyperparameters_in_the_qlora_recipes():
+    for name in ["nca_qlora.yaml", "infonca_qlora.yaml"]:
+        recipe = yaml.safe_load((RECIPES / "ultrafeedback" / name).read_text())
+        assert recipe["beta"] == 0.01 and recipe["learning_rate"] == 5e-6 and recipe["lora_r"] == 16
+        assert recipe["lora_alpha"] == 16 and recipe["lora_dropout"] == 0.05 and recipe["load_in_4bit"]
+        assert recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"] == 32
+
+
+@pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_training_recipe_runs_two_steps_on_cpu(recipe, assets, tmp_path):
+    algorithm = "infonca" if "infonca" in recipe.name else "nca"
+    parsed = parse(
+        [
+            "--config",
+            str(recipe),
+            *CPU_OVERRIDES,
+            "--model_name_or_path",
+            str(assets / "tiny"),
+            "--dataset_name",
+            str(assets / "data_dir"),
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+            "--eval_steps",
+            "2",
+            "--save_strategy",
+            "no",
+            "--per_device_train_batch_size",
+            "2",
+            "--gradient_accumulation_steps",
+            "1",
+            "--logging_steps",
+            "1",
+        ]
+    )
+    trainer = main(*parsed, algorithm=algorithm)
+    assert trainer.state.global_step == 2
+    first = trainer.state.log_history[0]["loss"]
+    assert first == pytest.approx(2 * math.log(2) if algorithm == "nca" else first, abs=1e-4)
+    assert (tmp_path / ("adapter_config.json" if parsed[2].use_peft else "config.json")).exists()
+
+
+def test_qlora_on_cpu_trains_only_the_lora_weights(assets, tmp_path):
+    parsed = parse(
+        [
+            "--model_name_or_path",
+            str(assets / "tiny"),
+            "--dataset_name",
+            str(assets / "data.jsonl"),
+            "--load_in_4bit",
+            "true",
+            "--dtype",
+            "float32",
+            "--use_peft",
+            "true",
+            "--lora_r",
+            "4",
+            "--lora_target_modules",
+            "all-linear",
+            "--max_steps",
+            "2",
+            "--learning_rate",
+            "1e-2",
+            "--bf16",
+            "false",
+            "--use_cpu",
+            "true",
+            "--gradient_checkpointing",
+            "false",
+            "--output_dir",
+            str(tmp_path),
+            "--report_to",
+            "none",
+            "--logging_steps",
+            "1",
+        ]
+    )
+    captured = {}
+
+    class Snapshot(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            captured["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            captured["model"] = model
+
+    trainer = main(*parsed, algorithm="nca", callbacks=[Snapshot()])
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
+    moved = {n for n, p in captured["model"].named_parameters() if not torch.equal(p, captured["before"][n])}
+    assert moved and all("lora_" in n for n in moved)
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-3)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_resumed_run_ends_like_an_uninterrupted_one(precompute, assets, tmp_path):
+    def args(output_dir, *extra):
+        return parse(
+            [
+                "--model_name_or_path",
+                str(assets / "tiny"),
+                "--dataset_name",
+                str(assets / "data.jsonl"),
+                "--max_steps",
+                "4",
+                "--per_device_train_batch_size",
+                "2",
+                "--learning_rate",
+                "1e-2",
+                "--save_strategy",
+                "steps",
+                "--save_steps",
+                "2",
+                "--logging_steps",
+                "1",
+                "--beta",
+                "0.5",
+                "--bf16",
+                "false",
+                "--use_cpu",
+                "true",
+                "--gradient_checkpointing",
+                "false",
+                "--report_to",
+                "none",
+                "--precompute_ref_log_probs",
+                str(precompute).lower(),
+                "--output_dir",
+                str(output_dir),
+                *extra,
+            ]
+        )
+
+    full = main(*args(tmp_path / "full"), algorithm="infonca")
+    main(*args(tmp_path / "cut"), algorithm="infonca", callbacks=[StopAt(2)])
+    assert (tmp_path / "cut" / "checkpoint-2").is_dir() and not (tmp_path / "cut" / "checkpoint-4").exists()
+    resumed = main(*args(tmp_path / "cut", "--resume_from_checkpoint", "true"), algorithm="infonca")
+
+    def losses(trainer):
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    assert len(losses(full)) == 4 and losses(resumed) == pytest.approx(losses(full), rel=1e-6)
+    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_two_processes_give_the_same_steps_as_one_with_the_same_global_batch(assets, tmp_path):
+    common = [
+        "--model_name_or_path",
+        str(assets / "tiny"),
+        "--dataset_name",
+        str(assets / "data4.jsonl"),
+        "--max_steps",
+        "2",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "1e-2",
+        "--beta",
+        "0.5",
+        "--disable_tqdm",
+        "true",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    accelerate = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    # `--multi_gpu` starts torchrun-style workers; on a machine without a GPU they run on the CPU with gloo
+    two = subprocess.run(
+        [
+            *accelerate,
+            "-m",
+            "trl_nca",
+            "nca",
+            *common,
+            "--per_device_train_batch_size",
+            "2",
+            "--output_dir",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trl_nca",
+            "nca",
+            *common,
+            "--per_device_train_batch_size",
+            "4",
+            "--output_dir",
+            str(tmp_path / "one"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def history(name):
+        state = json.loads((tmp_path / name / "checkpoint-2" / "trainer_state.json").read_text())
+        return [value for e in state["log_history"] if "loss" in e for value in (e["loss"], e["grad_norm"])]
+
+    # step 1's loss is NCA's 2 log 2 at initialisation; its gradient norm and step 2 show the batches agree
+    assert history("two") == pytest.approx(history("one"), rel=1e-5)
+    assert "NCA training finished" in two.stdout
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def raw_ultrafeedback_rows():
+    def completion(text, score, ratings=("4", "4", "4", "4")):
+        aspects = ["helpfulness", "honesty", "instruction_following", "truthfulness"]
+        return {
+            "response": text,
+            "overall_score": score,
+            "fine-grained_score": 3.5,
+            "annotations": {a: {"Rating": r, "Rationale": ""} for a, r in zip(aspects, ratings)},
+        }
+
+    return [
+        {
+            "source": "s",
+            "instruction": "Q0",
+            "models": ["a"] * 4,
+            "completions": [completion("a", 8.0), completion("b", 6.5), completion("c", 3.0), completion("d", 1.0)],
+        },
+        {
+            "source": "s",
+            "instruction": "Q1",
+            "models": ["a"] * 4,
+            "completions": [completion("a", 7.0), completion("b", None), completion("c", 5.0), completion("d", 2.0)],
+        },
+        {
+            "source": "s",
+            "instruction": "Q2",
+            "models": ["a"] * 2,
+            "completions": [completion("a", 7.0), completion("b", "N/A")],
+        },
+        {
+            "source": "s",
+            "instruction": "Q3",
+            "models": ["a"] * 4,
+            "completions": [completion("a", 9.0), completion("b", 2.0), completion("c", 4.0), completion("d", 6.0)],
+        },
+    ]
+
+
+def test_prepare_raw_ultrafeedback_reports_drops(tmp_path, capsys):
+    source = write_jsonl(tmp_path / "uf.jsonl", raw_ultrafeedback_rows())
+    assert (
+        cli.main(["prepare", "ultrafeedback", str(source), "--output_dir", str(tmp_path / "out"), "--min_k", "3"]) == 0
+    )
+    out = load_from_disk(str(tmp_path / "out"))
+    assert list(out) == ["train"] and out["train"]["rewards"] == [
+        [8.0, 6.5, 3.0, 1.0],
+        [7.0, 5.0, 2.0],
+        [9.0, 2.0, 4.0, 6.0],
+    ]
+    assert out["train"][1]["prompt"] == [{"role": "user", "content": "Q1"}]
+    printed = capsys.readouterr().out
+    assert "dropped 2 completions with a missing or non-numeric score" in printed
+    assert "dropped 1 rows with fewer than 3 scored responses" in printed
+
+
+def test_prepare_binarized_with_test_split(tmp_path):
+    rows = [
+        {
+            "prompt": f"Q{i}",
+            "prompt_id": str(i),
+            "chosen": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "bad"}],
+            "messages": [{"role": "user", "content": f"Q{i}"}],
+            "score_chosen": 8.0,
+            "score_rejected": 3.0 if i != 7 else None,
+        }
+        for i in range(10)
+    ]
+    source = tmp_path / "bin.parquet"
+    Dataset.from_list(rows).to_parquet(source)
+    prepared, drops = prepare_ultrafeedback(str(source), str(tmp_path / "out"), test_size=0.2)
+    assert len(prepared["train"]) + len(prepared["test"]) == 9 and len(prepared["test"]) == 2
+    assert drops == {"rows with a missing or non-numeric score": 1}
+    row = load_from_disk(str(tmp_path / "out"))["train"][0]
+    assert row["rewards"] == [8.0, 3.0] and [c[0]["content"] for c in row["completions"]] == ["good", "bad"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train"], "unknown command 'train'"),
+        (
+            ["nca", "--model_name_or_path", "x", "--dataset_name", "missing/file.jsonl", "--output_dir", "o"],
+            "Dataset not found: missing/file.jsonl",
+        ),
+        (["prepare", "ultrafeedback", "nowhere.jsonl", "--output_dir", "o"], "Dataset not found: nowhere.jsonl"),
+    ],
+)
+def test_errors_are_one_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("trl-nca: error:") and message in err[0]
+
+
+def test_unknown_recipe_field_and_gpu_recipe_on_cpu_are_one_line(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: x\ndataset_name: y\nbeta_typo: 0.1\n")
+    assert cli.main(["nca", "--config", str(recipe)]) == 2
+    assert "Unknown arguments from config file: ['--beta_typo'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        gpu = RECIPES / "ultrafeedback" / "nca_qlora.yaml"
+        assert cli.main(["nca", "--config", str(gpu)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["trl-nca: error: this recipe needs a GPU (it sets bf16 or fp16); on CPU add --bf16 false"]
+
+
+def test_saved_model_reloads(assets, tmp_path):
+    trainer = main(
+        *parse(
+            [
+                "--model_name_or_path",
+                str(assets / "tiny"),
+                "--dataset_name",
+                str(assets / "data.jsonl"),
+                "--max_steps",
+                "1",
+                "--bf16",
+                "false",
+                "--use_cpu",
+                "true",
+                "--report_to",
+                "none",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        ),
+        algorithm="nca",
+    )
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.lm_head.weight, trainer.model.lm_head.weight)

@@ -1,0 +1,78 @@
+"""`trl-nca` (also `python -m trl_nca`): `nca`, `infonca`, and `prepare ultrafeedback`.
+
+Errors a newcomer hits (missing file or dataset, unknown subcommand or recipe field, a GPU recipe on a machine
+without one) end as one line on stderr and exit code 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """usage: trl-nca {nca,infonca} --config RECIPE.yaml [--field value ...]
+       trl-nca prepare ultrafeedback SOURCE --output_dir DIR [options]
+
+  nca        train with NCA (Noise Contrastive Alignment)
+  infonca    train with InfoNCA
+  prepare    write a canonical K-response dataset (prompt, completions, rewards) with save_to_disk
+"""
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _train(algorithm: str, argv: list[str]) -> int:
+    from .train import main, make_parser
+
+    parser = make_parser(prog=f"trl-nca {algorithm}")
+    on_cpu = not _accelerator_available()
+    if on_cpu:
+        # DPOConfig's bf16=True default is ~12x slower on CPU (and refused without use_cpu): choose float32 here.
+        # A recipe or flag that sets these explicitly still wins.
+        parser.set_defaults(bf16=False, use_cpu=True, gradient_checkpointing=False)
+        print("trl-nca: no GPU found: training on CPU in float32 (bf16=False, gradient_checkpointing=False).")
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config()[:4]
+    if on_cpu and (training_args.bf16 or training_args.fp16):
+        print(_one_line("this recipe needs a GPU (it sets bf16 or fp16); on CPU add --bf16 false"), file=sys.stderr)
+        return 2
+    main(script_args, training_args, model_args, dataset_args, algorithm=algorithm)
+    return 0
+
+
+def _one_line(message: str) -> str:
+    return f"trl-nca: error: {message}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    # TrlParser reads sys.argv; give it the arguments that follow the subcommand
+    sys.argv = [f"trl-nca {command}", *rest]
+    try:
+        if command in {"nca", "infonca"}:
+            return _train(command, rest)
+        if command == "prepare":
+            from .prepare import cli as prepare_cli
+
+            return prepare_cli(rest)
+        print(_one_line(f"unknown command {command!r}; choose from nca, infonca, prepare"), file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        if os.environ.get("TRL_NCA_DEBUG"):
+            raise
+        text = str(error).strip().strip("'\"").splitlines()
+        print(_one_line(text[0] if text else type(error).__name__), file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. a model id that is neither a local folder nor reachable
+        print(_one_line(str(error).splitlines()[0]), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
