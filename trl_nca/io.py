@@ -17,9 +17,9 @@ def looks_local(name: str) -> bool:
 
 
 def load_any_dataset(name: str, config: str | None = None, streaming: bool = False) -> DatasetDict:
-    """A `DatasetDict` from a `save_to_disk` folder, a JSON/JSONL/Parquet/CSV file, a folder of such files, or a hub id.
+    """A `DatasetDict` from a `save_to_disk` folder, a JSON/JSONL/Parquet/CSV file or folder of them, or a hub id.
 
-    A single file or a folder of files becomes the `train` split. A missing local path raises `FileNotFoundError`.
+    A single file or a folder of files becomes the `train` split; a missing local path raises `FileNotFoundError`.
     """
     path = Path(name).expanduser()
     if looks_local(name):
