@@ -293,6 +293,7 @@ def test_two_processes_give_the_same_steps_as_one_with_the_same_global_batch(ass
         env=env,
         capture_output=True,
         text=True,
+        timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run(
@@ -310,6 +311,7 @@ def test_two_processes_give_the_same_steps_as_one_with_the_same_global_batch(ass
         env=env,
         capture_output=True,
         text=True,
+        timeout=300,
     )
     assert one.returncode == 0, one.stderr[-3000:]
 

@@ -1,0 +1,66 @@
+"""`trl-nca plot OUTPUT_DIR`: the likelihood trend and reward accuracy of a finished run, from its log history."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_log_history(output_dir: str | Path) -> list[dict]:
+    """The Trainer's log history of a run: `trainer_state.json` in the folder or in its newest checkpoint."""
+    output_dir = Path(output_dir)
+    candidates = [output_dir / "trainer_state.json"]
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    candidates += [c / "trainer_state.json" for c in reversed(checkpoints)]
+    for path in candidates:
+        if path.exists():
+            return json.loads(path.read_text())["log_history"]
+    raise FileNotFoundError(f"No trainer_state.json in {output_dir} or its checkpoints")
+
+
+def plot_log_history(history: list[dict], path: str | Path, title: str = "") -> Path:
+    """Two panels over the training steps: policy log-likelihood of the best and worst response, reward accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [entry for entry in history if "loss" in entry and "step" in entry]
+    if not train:
+        raise ValueError("The log history has no training steps to plot")
+    steps = [entry["step"] for entry in train]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, color in [("logps/best", "tab:green"), ("logps/worst", "tab:red")]:
+        left.plot(steps, [entry.get(key, float("nan")) for entry in train], label=key, color=color, marker=".")
+    left.set_xlabel("step")
+    left.set_ylabel("log-likelihood (sum over response tokens)")
+    left.set_title("likelihood of the best and worst response")
+    left.legend()
+    right.plot(steps, [entry.get("rewards/accuracies", float("nan")) for entry in train], color="tab:blue", marker=".")
+    right.set_ylim(-0.05, 1.05)
+    right.set_xlabel("step")
+    right.set_ylabel("rewards/accuracies")
+    right.set_title("reward accuracy (best response ranked first)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def cli(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="trl-nca plot", description="Plot a finished run's log history.")
+    parser.add_argument("output_dir", help="the run's output folder (with trainer_state.json or checkpoints)")
+    parser.add_argument("--out", default=None, help="PNG path (default OUTPUT_DIR/plot.png)")
+    args = parser.parse_args(argv)
+    out = plot_log_history(
+        load_log_history(args.output_dir),
+        args.out or Path(args.output_dir) / "plot.png",
+        title=Path(args.output_dir).name,
+    )
+    print(f"Wrote {out}")
+    return 0
