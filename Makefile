@@ -6,7 +6,12 @@ PY := $(VENV)/bin/python
 # On a GPU machine, install the torch you want into .venv first, or set TORCH= (empty) to keep what is there.
 TORCH ?= torch==2.13.0
 
-.PHONY: test install lint clean
+# `make demo`: the main job (SmolLM2 learns arithmetic from its own scored samples with NCA); QUICK=1 is the
+# reduced mode, OUT= the output folder.
+OUT ?= runs/demo
+QUICK ?=
+
+.PHONY: test demo install lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +26,9 @@ install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest
+
+demo: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/trl-nca demo $(if $(QUICK),--quick) --output_dir $(OUT)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check trl_nca tests

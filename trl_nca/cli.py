@@ -10,11 +10,17 @@ import os
 import sys
 
 USAGE = """usage: trl-nca {nca,infonca} --config RECIPE.yaml [--field value ...]
-       trl-nca prepare ultrafeedback SOURCE --output_dir DIR [options]
+       trl-nca prepare {ultrafeedback SOURCE,smollm2} --output_dir DIR [options]
+       trl-nca generate --model DIR --output_dir DIR [--task arithmetic | --prompts FILE] [--reward SPEC] [--k 4]
+       trl-nca demo [--quick] [--output_dir runs/demo]
+       trl-nca plot OUTPUT_DIR
 
   nca        train with NCA (Noise Contrastive Alignment)
   infonca    train with InfoNCA
   prepare    write a canonical K-response dataset (prompt, completions, rewards) with save_to_disk
+  generate   sample K responses per prompt from a model, score them, and save the reward dataset
+  demo       the main job: SmolLM2 learns arithmetic from its own scored samples with NCA (CPU is fine)
+  plot       plot the likelihood trend and reward accuracy of a finished run
 """
 
 
@@ -67,7 +73,22 @@ def main(argv: list[str] | None = None) -> int:
             from .prepare import cli as prepare_cli
 
             return prepare_cli(rest)
-        print(_one_line(f"unknown command {command!r}; choose from nca, infonca, prepare"), file=sys.stderr)
+        if command == "generate":
+            from .generate_cli import cli as generate_cli
+
+            return generate_cli(rest)
+        if command == "demo":
+            from .demo import cli as demo_cli
+
+            return demo_cli(rest)
+        if command == "plot":
+            from .plot import cli as plot_cli
+
+            return plot_cli(rest)
+        print(
+            _one_line(f"unknown command {command!r}; choose from nca, infonca, prepare, generate, demo, plot"),
+            file=sys.stderr,
+        )
         return 2
     except (FileNotFoundError, ValueError, KeyError) as error:
         if os.environ.get("TRL_NCA_DEBUG"):

@@ -28,15 +28,51 @@ def plot_log_history(history: list[dict], path: str | Path, title: str = "") -> 
     train = [entry for entry in history if "loss" in entry and "step" in entry]
     if not train:
         raise ValueError("The log history has no training steps to plot")
+    evals = [entry for entry in history if "eval_loss" in entry and "step" in entry]
     steps = [entry["step"] for entry in train]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for key, color in [("logps/best", "tab:green"), ("logps/worst", "tab:red")]:
-        left.plot(steps, [entry.get(key, float("nan")) for entry in train], label=key, color=color, marker=".")
+        # Training batches change every step; evaluations on fixed rows, when the run has them, show the trend
+        faint = {"alpha": 0.35, "linestyle": ":"} if evals else {}
+        left.plot(
+            steps,
+            [entry.get(key, float("nan")) for entry in train],
+            label=f"{key} (train batch)",
+            color=color,
+            marker=".",
+            **faint,
+        )
+        if evals:
+            left.plot(
+                [e["step"] for e in evals],
+                [e.get(f"eval_{key}", float("nan")) for e in evals],
+                label=f"{key} (eval rows)",
+                color=color,
+                marker="o",
+                linewidth=2,
+            )
     left.set_xlabel("step")
     left.set_ylabel("log-likelihood (sum over response tokens)")
     left.set_title("likelihood of the best and worst response")
-    left.legend()
-    right.plot(steps, [entry.get("rewards/accuracies", float("nan")) for entry in train], color="tab:blue", marker=".")
+    left.legend(fontsize=7)
+    right.plot(
+        steps,
+        [entry.get("rewards/accuracies", float("nan")) for entry in train],
+        color="tab:blue",
+        marker=".",
+        label="train batch",
+        **({"alpha": 0.35, "linestyle": ":"} if evals else {}),
+    )
+    if evals:
+        right.plot(
+            [e["step"] for e in evals],
+            [e.get("eval_rewards/accuracies", float("nan")) for e in evals],
+            color="tab:blue",
+            marker="o",
+            linewidth=2,
+            label="eval rows",
+        )
+        right.legend()
     right.set_ylim(-0.05, 1.05)
     right.set_xlabel("step")
     right.set_ylabel("rewards/accuracies")

@@ -1,0 +1,88 @@
+"""The built-in task, the reward function, the reward-dataset builder and the plot command."""
+
+import json
+
+import pytest
+from datasets import Dataset
+
+from trl_nca import cli
+from trl_nca.arithmetic import arithmetic_reward, extract_answer, is_clear, make_problems
+from trl_nca.generate import build_reward_dataset, resolve_reward
+
+
+def test_problems_are_deterministic_per_seed_and_their_answers_are_right():
+    assert make_problems(50, seed=3) == make_problems(50, seed=3)
+    assert make_problems(50, seed=3) != make_problems(50, seed=4)
+    for problem in make_problems(200, seed=0):
+        expression = problem["prompt"][0]["content"].removeprefix("What is ").split("?")[0]
+        assert eval(expression) == problem["answer"]  # noqa: S307 - our own generated arithmetic
+    kinds = {p["prompt"][0]["content"].count(op) for p in make_problems(200, seed=0) for op in "+-*"}
+    assert kinds == {0, 1}
+
+
+@pytest.mark.parametrize(
+    "text, answer, reward",
+    [
+        ("7", 7, 1.1),
+        ("3 + 4 = 7.", 7, 1.1),
+        ("The answer is 12.", 12, 1.1),
+        ("The answer is 13.", 12, 0.1),
+        ("Let me think step by step about this addition: 3 plus 4 makes a total of 7 in the end.", 7, 1.0),
+        ("I cannot answer that.", 7, 0.0),
+        ("1,200", 1200, 1.1),
+        ("-3", -3, 1.1),
+    ],
+)
+def test_reward_scores_known_strings(text, answer, reward):
+    conversational = [[{"role": "assistant", "content": text}]]
+    assert arithmetic_reward(prompts=["q"], completions=[text], answer=[answer]) == [pytest.approx(reward)]
+    assert arithmetic_reward(prompts=["q"], completions=conversational, answer=[answer]) == [pytest.approx(reward)]
+
+
+def test_answer_extraction_and_clarity():
+    assert extract_answer("First 3, then 4, so 7") == 7 and extract_answer("none") is None
+    assert is_clear("It is 9.") and not is_clear("It is nine.") and not is_clear("")
+
+
+def test_reward_dataset_builder_with_a_tiny_model_and_a_toy_reward(tokenizer, model):
+    prompts = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": q}], "target": i} for i, q in enumerate(["Hello?", "Sky?", "Sea?"])]
+    )
+
+    def length_reward(prompts, completions, target, **kwargs):
+        return [float(len(c[0]["content"]) % 5 + t) for c, t in zip(completions, target, strict=True)]
+
+    data, stats = build_reward_dataset(model, tokenizer, prompts, length_reward, k=3, max_new_tokens=8, seed=1)
+    again, _ = build_reward_dataset(model, tokenizer, prompts, length_reward, k=3, max_new_tokens=8, seed=1)
+    assert data.to_list() == again.to_list()  # seeded sampling
+    assert len(data) == 3 and stats["prompts"] == 3 and stats["k"] == 3
+    for row in data:
+        assert len(row["completions"]) == 3 and len(row["rewards"]) == 3
+        assert row["prompt"][0]["role"] == "user" and row["completions"][0][0]["role"] == "assistant"
+        assert row["rewards"] == [len(c[0]["content"]) % 5 + row["target"] for c in row["completions"]]
+    assert stats["all_equal"] == sum(len(set(r)) == 1 for r in data["rewards"])
+    with pytest.raises(ValueError, match="k must be at least 2"):
+        build_reward_dataset(model, tokenizer, prompts, length_reward, k=1)
+
+
+def test_resolve_reward_specs():
+    assert resolve_reward("arithmetic") is arithmetic_reward
+    assert resolve_reward("trl_nca.arithmetic:arithmetic_reward") is arithmetic_reward
+    with pytest.raises(ValueError, match="Unknown reward"):
+        resolve_reward("no-such-reward")
+
+
+def test_plot_command_writes_a_png_from_a_saved_log_history(tmp_path, capsys):
+    history = [
+        {"loss": 1.39 - 0.01 * s, "logps/best": -10.0 + 0.1 * s, "logps/worst": -12.0 - 0.3 * s,
+         "rewards/accuracies": min(1.0, 0.1 * s), "step": s}
+        for s in range(1, 11)
+    ] + [{"train_runtime": 1.0, "step": 10}]
+    run = tmp_path / "run"
+    (run / "checkpoint-10").mkdir(parents=True)
+    (run / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    assert cli.main(["plot", str(run)]) == 0
+    png = (run / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "Wrote" in capsys.readouterr().out
+    assert cli.main(["plot", str(tmp_path / "empty")]) == 2

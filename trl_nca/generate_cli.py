@@ -1,0 +1,64 @@
+"""`trl-nca generate`: sample K responses per prompt, score them, and save the canonical reward dataset."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="trl-nca generate", description=__doc__)
+    parser.add_argument("--model", required=True, help="model folder or hub id to sample from")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", choices=["arithmetic"], help="built-in prompts (with their `answer` column)")
+    source.add_argument("--prompts", help="dataset (file or folder) with a `prompt` column")
+    parser.add_argument("--num_prompts", type=int, default=96, help="with --task: how many prompts")
+    parser.add_argument(
+        "--reward",
+        action="append",
+        default=None,
+        help="'arithmetic', 'module:function' (TRL GRPO signature), or a reward model folder; "
+        "repeat to sum several (default: arithmetic)",
+    )
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top_p", type=float, default=0.95)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", required=True)
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .generate import build_reward_dataset
+
+    if args.task:
+        from .arithmetic import make_problems
+
+        prompts = make_problems(args.num_prompts, seed=args.seed)
+    else:
+        from .io import first_split, load_any_dataset
+
+        prompts = first_split(load_any_dataset(args.prompts))
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    dataset, stats = build_reward_dataset(
+        model,
+        tokenizer,
+        prompts,
+        args.reward or ["arithmetic"],
+        k=args.k,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    dataset.save_to_disk(args.output_dir)
+    print(
+        f"Wrote {args.output_dir}: {stats['prompts']} prompts x {stats['k']} responses, mean reward "
+        f"{stats['mean_reward']:.3f}; {stats['all_equal']} prompts have all-equal rewards (no learning signal)"
+    )
+    return 0
