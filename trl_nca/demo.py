@@ -35,12 +35,13 @@ class DemoSettings:
     lora_r: int = 16
     max_new_tokens: int = 40
     temperature: float = 0.8
+    trend_rows: int = 16
     seed: int = 0
 
     @classmethod
     def quick(cls, **overrides) -> DemoSettings:
         """The reduced mode (`make demo QUICK=1`): a couple of minutes on 2 cores."""
-        return cls(**{"train_prompts": 24, "heldout_prompts": 24, "epochs": 1, **overrides})
+        return cls(**{"train_prompts": 24, "heldout_prompts": 24, "epochs": 1, "trend_rows": 8, **overrides})
 
 
 def heldout_accuracy(model, tokenizer, problems, settings: DemoSettings) -> tuple[float, list[str]]:
@@ -102,7 +103,7 @@ def run_demo(settings: DemoSettings) -> dict:
 
     steps = settings.epochs * -(-len(dataset) // settings.batch_size)
     # The likelihood trend is read on fixed rows (training batches differ from step to step)
-    trend_rows = dataset.select(range(min(16, len(dataset))))
+    trend_rows = dataset.select(range(min(settings.trend_rows, len(dataset))))
     args = NCAConfig(
         output_dir=str(out),
         beta=settings.beta,
@@ -137,7 +138,11 @@ def run_demo(settings: DemoSettings) -> dict:
     )
     start_eval = trainer.evaluate()
     trainer.train()
-    end_eval = trainer.evaluate()
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if evals and evals[-1]["step"] == trainer.state.global_step:
+        end_eval = evals[-1]  # the last periodic evaluation already ran after the last step
+    else:
+        end_eval = trainer.evaluate()
     trainer.save_model(str(out))
     trainer.state.save_to_json(str(out / "trainer_state.json"))
 
