@@ -32,7 +32,9 @@ def best_worst_pairs(rows: Dataset) -> Dataset:
         if max(rewards) == min(rewards):
             continue
         best, worst = rewards.index(max(rewards)), rewards.index(min(rewards))
-        pairs.append({"prompt": row["prompt"], "chosen": row["completions"][best], "rejected": row["completions"][worst]})
+        pairs.append(
+            {"prompt": row["prompt"], "chosen": row["completions"][best], "rejected": row["completions"][worst]}
+        )
     return Dataset.from_list(pairs)
 
 
@@ -74,20 +76,35 @@ def main(argv=None):
 
     train_problems = make_problems(args.train_prompts, seed=args.seed)
     heldout_problems = make_problems(args.heldout_prompts, seed=args.seed + 1_000_003)
-    train_rows, _ = build_reward_dataset(base, tokenizer, train_problems, "arithmetic", k=args.k, seed=args.seed,
-                                         max_new_tokens=40)
-    heldout_rows, _ = build_reward_dataset(base, tokenizer, heldout_problems, "arithmetic", k=args.k,
-                                           seed=args.seed + 1, max_new_tokens=40)
+    train_rows, _ = build_reward_dataset(
+        base, tokenizer, train_problems, "arithmetic", k=args.k, seed=args.seed, max_new_tokens=40
+    )
+    heldout_rows, _ = build_reward_dataset(
+        base, tokenizer, heldout_problems, "arithmetic", k=args.k, seed=args.seed + 1, max_new_tokens=40
+    )
     # The same held-out rows for every method: those with a unique preference between best and worst
     heldout_rows = heldout_rows.filter(lambda row: max(row["rewards"]) > min(row["rewards"]))
     settings = DemoSettings(max_new_tokens=40)
     accuracy_start, _ = heldout_accuracy(base, tokenizer, heldout_problems, settings)
 
     common = dict(
-        output_dir=str(out / "tmp"), learning_rate=args.learning_rate, lr_scheduler_type="constant",
-        max_steps=args.steps, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=8,
-        beta=args.beta, logging_steps=1, eval_strategy="steps", eval_steps=args.eval_every, save_strategy="no",
-        report_to=[], seed=args.seed, bf16=on_gpu, use_cpu=not on_gpu, gradient_checkpointing=False, max_length=256,
+        output_dir=str(out / "tmp"),
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=8,
+        beta=args.beta,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=args.eval_every,
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
+        gradient_checkpointing=False,
+        max_length=256,
     )
     lora = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     results = []
@@ -96,15 +113,26 @@ def main(argv=None):
         started = time.time()
         model = copy.deepcopy(base)
         if method == "DPO":
-            trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=best_worst_pairs(train_rows),
-                                 eval_dataset=best_worst_pairs(heldout_rows), processing_class=tokenizer,
-                                 peft_config=copy.deepcopy(lora))
+            trainer = DPOTrainer(
+                model=model,
+                args=DPOConfig(**common),
+                train_dataset=best_worst_pairs(train_rows),
+                eval_dataset=best_worst_pairs(heldout_rows),
+                processing_class=tokenizer,
+                peft_config=copy.deepcopy(lora),
+            )
             best_key = "eval_logps/chosen"  # chosen = the best response of the row
         else:
             cls = NCATrainer if method == "NCA" else InfoNCATrainer
             config = NCAConfig(**common, reward_temperature=args.reward_temperature)
-            trainer = cls(model=model, args=config, train_dataset=train_rows, eval_dataset=heldout_rows,
-                          processing_class=tokenizer, peft_config=copy.deepcopy(lora))
+            trainer = cls(
+                model=model,
+                args=config,
+                train_dataset=train_rows,
+                eval_dataset=heldout_rows,
+                processing_class=tokenizer,
+                peft_config=copy.deepcopy(lora),
+            )
             best_key = "eval_logps/best"
         first = trainer.evaluate()
         trainer.train()
@@ -112,19 +140,21 @@ def main(argv=None):
         accuracy_end, _ = heldout_accuracy(trainer.model, tokenizer, heldout_problems, settings)
         evals = [(0, first[best_key])] + [(e["step"], e[best_key]) for e in trainer.state.log_history if best_key in e]
         curves[method] = sorted(set(evals))
-        results.append({
-            "method": method,
-            "logps_best_start": first[best_key],
-            "logps_best_end": last[best_key],
-            "delta_logps_best": last[best_key] - first[best_key],
-            "heldout_accuracy_start": accuracy_start,
-            "heldout_accuracy_end": accuracy_end,
-            "train_rows": len(trainer.train_dataset),
-            "heldout_rows": len(heldout_rows),
-            "steps": trainer.state.global_step,
-            "seconds": round(time.time() - started, 1),
-            "device": "cuda" if on_gpu else "cpu",
-        })
+        results.append(
+            {
+                "method": method,
+                "logps_best_start": first[best_key],
+                "logps_best_end": last[best_key],
+                "delta_logps_best": last[best_key] - first[best_key],
+                "heldout_accuracy_start": accuracy_start,
+                "heldout_accuracy_end": accuracy_end,
+                "train_rows": len(trainer.train_dataset),
+                "heldout_rows": len(heldout_rows),
+                "steps": trainer.state.global_step,
+                "seconds": round(time.time() - started, 1),
+                "device": "cuda" if on_gpu else "cpu",
+            }
+        )
         print(results[-1])
 
     import matplotlib
@@ -137,18 +167,23 @@ def main(argv=None):
         ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=method)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out log-likelihood of the best response")
-    ax.set_title("Likelihood trend (SmolLM2-135M, arithmetic, K=%d)" % args.k)
+    ax.set_title(f"Likelihood trend (SmolLM2-135M, arithmetic, K={args.k})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "likelihood_trend.png", dpi=80)
 
-    print(f"\n| method | logps/best start | end | change | held-out accuracy start | end |")
+    print("\n| method | logps/best start | end | change | held-out accuracy start | end |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['method']} | {r['logps_best_start']:.2f} | {r['logps_best_end']:.2f} | "
-              f"{r['delta_logps_best']:+.2f} | {r['heldout_accuracy_start']:.3f} | {r['heldout_accuracy_end']:.3f} |")
-    print(f"\n{len(heldout_rows)} held-out rows, {args.steps} steps of {args.batch_size} prompts, lr "
-          f"{args.learning_rate}, beta {args.beta}, on {'cuda' if on_gpu else 'cpu'}; plot: {out / 'likelihood_trend.png'}")
+        print(
+            f"| {r['method']} | {r['logps_best_start']:.2f} | {r['logps_best_end']:.2f} | "
+            f"{r['delta_logps_best']:+.2f} | {r['heldout_accuracy_start']:.3f} | {r['heldout_accuracy_end']:.3f} |"
+        )
+    print(
+        f"\n{len(heldout_rows)} held-out rows, {args.steps} steps of {args.batch_size} prompts, lr "
+        f"{args.learning_rate}, beta {args.beta}, on {'cuda' if on_gpu else 'cpu'}; "
+        f"plot: {out / 'likelihood_trend.png'}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

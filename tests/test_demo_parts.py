@@ -74,8 +74,13 @@ def test_resolve_reward_specs():
 
 def test_plot_command_writes_a_png_from_a_saved_log_history(tmp_path, capsys):
     history = [
-        {"loss": 1.39 - 0.01 * s, "logps/best": -10.0 + 0.1 * s, "logps/worst": -12.0 - 0.3 * s,
-         "rewards/accuracies": min(1.0, 0.1 * s), "step": s}
+        {
+            "loss": 1.39 - 0.01 * s,
+            "logps/best": -10.0 + 0.1 * s,
+            "logps/worst": -12.0 - 0.3 * s,
+            "rewards/accuracies": min(1.0, 0.1 * s),
+            "step": s,
+        }
         for s in range(1, 11)
     ] + [{"train_runtime": 1.0, "step": 10}]
     run = tmp_path / "run"

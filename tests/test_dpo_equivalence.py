@@ -55,8 +55,11 @@ def test_first_step_loss_and_gradient_match_dpo(
         torch.testing.assert_close(our_grads[name], dpo_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("prompt_sharing", ["off", "on"])
 @pytest.mark.parametrize("ours_cls, loss_type", CASES)
-def test_one_training_step_logs_dpo_keys_with_dpo_values(ours_cls, loss_type, tokenizer, model, other_model, tmp_path):
+def test_one_training_step_logs_dpo_keys_with_dpo_values(
+    ours_cls, loss_type, prompt_sharing, tokenizer, model, other_model, tmp_path
+):
     data = pairwise_dataset()
     dpo = DPOTrainer(
         model=copy.deepcopy(model),
@@ -68,7 +71,7 @@ def test_one_training_step_logs_dpo_keys_with_dpo_values(ours_cls, loss_type, to
     ours = ours_cls(
         model=copy.deepcopy(model),
         ref_model=copy.deepcopy(other_model),
-        args=nca_args(tmp_path),
+        args=nca_args(tmp_path, prompt_sharing=prompt_sharing),
         train_dataset=data,
         processing_class=tokenizer,
     )
@@ -85,10 +88,15 @@ def test_one_training_step_logs_dpo_keys_with_dpo_values(ours_cls, loss_type, to
         "logps/chosen",
         "logps/rejected",
         "entropy",
-        "num_tokens",
         "mean_token_accuracy",
     ]:
         assert our_log[key] == pytest.approx(dpo_log[key], rel=1e-5, abs=1e-6), key
+    # num_tokens counts the tokens fed to the model: DPO's count in the padded layout, fewer with a shared prompt
+    if prompt_sharing == "off":
+        assert our_log["num_tokens"] == dpo_log["num_tokens"]
+    else:
+        prompts = sum(len(row["prompt_ids"]) for row in ours.train_dataset)
+        assert our_log["num_tokens"] == dpo_log["num_tokens"] - prompts + len(data)  # one copy token per response
 
 
 def test_dpo_script_with_dpo_config_runs_unchanged(tokenizer, model, tmp_path):

@@ -63,3 +63,30 @@ def test_two_steps_on_smollm2(cls, first_loss, smollm2, tmp_path):
     assert second["loss"] < first_loss  # one step on these rows already separates the responses
     assert -200 < first["logps/best"] < 0 and -200 < first["logps/worst"] < 0
     assert not torch.equal(trainer.model.model.layers[0].mlp.down_proj.weight, before)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_layout_matches_separate_forwards_on_smollm2(attn, smollm2):
+    from trl_nca.shared_prompt import DataCollatorForSharedPrompt, attention_mask_for
+    from trl_nca.tokenization import tokenize_k_responses
+
+    model, tokenizer = smollm2
+    model = copy.deepcopy(model)
+    model.config._attn_implementation = attn
+    rows = [tokenize_k_responses(row, tokenizer) for row in arithmetic_rows().select(range(2))]
+    batch = DataCollatorForSharedPrompt(pad_token_id=tokenizer.pad_token_id, pack_rows=True)(
+        [{**row, "rewards": [0.0] * len(row["completion_ids"])} for row in rows]
+    )
+    with torch.no_grad():
+        mask = attention_mask_for(batch["attention_mask"], attn, torch.float32)
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
+        token_logps = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, batch["input_ids"][0, 1:, None])[:, 0]
+        owner = batch["response_ids"][0, 1:]
+        shared = torch.zeros(8, dtype=torch.float64).index_add(0, owner[owner >= 0], token_logps[owner >= 0])
+        separate = []
+        for row in rows:
+            for completion in row["completion_ids"]:
+                ids = torch.tensor([row["prompt_ids"] + completion])
+                lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])
+                separate.append(lp[len(row["prompt_ids"]) - 1 :, 0].sum())
+    torch.testing.assert_close(shared, torch.stack(separate), atol=1e-4, rtol=0)

@@ -266,23 +266,25 @@ def test_streaming_dataset_and_text_rows_with_eos(tokenizer, model, tmp_path):
     assert streamed.state.log_history[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-5)
 
 
-def test_compute_metrics_receives_logits_of_every_response(tokenizer, model, tmp_path):
+@pytest.mark.parametrize("prompt_sharing, sequences", [("off", 13), ("on", 4)])
+def test_compute_metrics_receives_logits_of_every_sequence(prompt_sharing, sequences, tokenizer, model, tmp_path):
     data = k_response_dataset(counts=(4, 2, 3, 4))
     seen = {}
 
     def compute_metrics(prediction):
         seen["shape"] = prediction.predictions.shape
-        return {"responses": float(prediction.predictions.shape[0])}
+        return {"sequences": float(prediction.predictions.shape[0])}
 
     trainer = NCATrainer(
         model=model,
-        args=nca_args(tmp_path),
+        args=nca_args(tmp_path, prompt_sharing=prompt_sharing),
         train_dataset=data,
         eval_dataset=data,
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
     )
     metrics = trainer.evaluate()
-    assert metrics["eval_responses"] == 13.0  # one sequence per response: 4 + 2 + 3 + 4
+    # padded: one sequence per response (4 + 2 + 3 + 4); shared prompt: one sequence per row
+    assert metrics["eval_sequences"] == sequences
     assert seen["shape"][-1] == len(tokenizer)
     assert metrics["eval_loss"] == pytest.approx(2 * math.log(2), rel=1e-6)

@@ -17,8 +17,9 @@ class DataCollatorForKResponses(DataCollatorMixin):
     Each example holds `prompt_ids` (list of ints), `completion_ids` (K_i lists of ints), `rewards` (K_i floats) and,
     when precomputed, `ref_logps` (K_i floats). The sequences come row by row, response by response, so sequence n
     is the n-th True entry of `response_mask` in row-major order: `logps_bk[response_mask] = logps_flat` puts every
-    log-probability back at its (prompt, response) slot. The trainer reads only `input_ids`, `attention_mask`,
-    `completion_mask` and the `(B, K)` tensors, so a layout that encodes the prompt once can produce the same keys.
+    log-probability back at its (prompt, response) slot. `response_ids` gives, for each completion token, the index
+    of its response (-1 elsewhere); the trainer sums per-token log-probabilities by it, so a layout that puts several
+    responses in one sequence (`DataCollatorForSharedPrompt`) slots in behind the same trainer code.
 
     Each prompt+response is truncated to `max_length` before padding, as in TRL's `DataCollatorForPreference`.
 
@@ -72,15 +73,8 @@ class DataCollatorForKResponses(DataCollatorMixin):
                 completion_mask.append(torch.tensor(([0] * len(prompt) + [1] * len(completion))[window]))
         attention_mask = [torch.ones_like(ids) for ids in input_ids]
 
-        num_responses = torch.tensor([len(example["completion_ids"]) for example in examples])
-        response_mask = torch.arange(int(num_responses.max()))[None, :] < num_responses[:, None]
-
-        def per_response(key: str) -> torch.Tensor:
-            values = torch.zeros(response_mask.shape, dtype=torch.float32)
-            values[response_mask] = torch.tensor(
-                [v for example in examples for v in example[key]], dtype=torch.float32
-            )
-            return values
+        # Sequence n holds response n: only its completion tokens carry its index
+        response_ids = [torch.where(mask.bool(), n, -1) for n, mask in enumerate(completion_mask)]
 
         def padded(sequences, value):
             return pad(
@@ -91,9 +85,24 @@ class DataCollatorForKResponses(DataCollatorMixin):
             "input_ids": padded(input_ids, self.pad_token_id),
             "attention_mask": padded(attention_mask, 0),
             "completion_mask": padded(completion_mask, 0),
-            "response_mask": response_mask,
-            "rewards": per_response("rewards"),
+            "response_ids": padded(response_ids, -1),
         }
-        if "ref_logps" in examples[0]:
-            batch["ref_logps"] = per_response("ref_logps")
+        batch.update(per_response_values(examples))
         return batch
+
+
+def per_response_values(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The `(B, K)` tensors of a batch: `response_mask` (True = a real response), `rewards`, and `ref_logps` when the
+    rows carry precomputed reference log-probabilities. Padded slots hold 0."""
+    num_responses = torch.tensor([len(example["completion_ids"]) for example in examples])
+    response_mask = torch.arange(int(num_responses.max()))[None, :] < num_responses[:, None]
+
+    def values(key: str) -> torch.Tensor:
+        out = torch.zeros(response_mask.shape, dtype=torch.float32)
+        out[response_mask] = torch.tensor([v for example in examples for v in example[key]], dtype=torch.float32)
+        return out
+
+    batch = {"response_mask": response_mask, "rewards": values("rewards")}
+    if "ref_logps" in examples[0]:
+        batch["ref_logps"] = values("ref_logps")
+    return batch

@@ -36,6 +36,10 @@ class NCAConfig(DPOConfig):
         ultrafeedback_reward (`str`, *optional*, defaults to `"overall_score"`):
             Which score of raw UltraFeedback rows (`instruction`, `completions` as dicts) becomes the reward:
             `"overall_score"`, `"fine-grained_score"`, or `"mean_rating"` (the mean of the annotations' ratings).
+        prompt_sharing (`str`, *optional*, defaults to `"auto"`):
+            `"auto"`: encode each prompt once for all its responses where the attention implementation takes a custom
+            4D mask (`sdpa`, `eager`), else the padded layout with one warning. `"on"`: always (an error where it
+            cannot work). `"off"`: the padded layout (K prompt+response sequences per row).
     """
 
     reward_temperature: float = field(
@@ -55,6 +59,16 @@ class NCAConfig(DPOConfig):
         },
     )
 
+    prompt_sharing: str = field(
+        default="auto",
+        metadata={
+            "help": "Encode each prompt once for all its responses (the shared-prompt layout): 'auto' (default) where "
+            "the attention implementation takes a custom 4D mask (sdpa, eager), else the padded layout with one "
+            "warning; 'on' (an error where it cannot work); 'off' (the padded layout: K prompt+response sequences).",
+            "choices": ["auto", "on", "off"],
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         for name, off in _DPO_ONLY_FIELDS.items():
@@ -66,6 +80,8 @@ class NCAConfig(DPOConfig):
                 )
         if self.reward_temperature < 0:
             raise ValueError(f"`reward_temperature` must be >= 0 (0 = hard argmax), got {self.reward_temperature}.")
+        if self.prompt_sharing not in ("auto", "on", "off"):
+            raise ValueError(f"`prompt_sharing` must be 'auto', 'on' or 'off', got {self.prompt_sharing!r}.")
         if self.ultrafeedback_reward not in ULTRAFEEDBACK_REWARDS:
             raise ValueError(
                 f"`ultrafeedback_reward` must be one of {ULTRAFEEDBACK_REWARDS}, got {self.ultrafeedback_reward!r}."

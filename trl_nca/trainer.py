@@ -38,6 +38,7 @@ from .config import NCAConfig
 from .data import convert_to_k_responses
 from .losses import infonca_loss, nca_loss
 from .metrics import k_response_metrics
+from .shared_prompt import SUPPORTED_ATTENTION, DataCollatorForSharedPrompt, attention_mask_for
 from .tokenization import tokenize_k_responses
 
 logger = logging.get_logger(__name__)
@@ -114,6 +115,7 @@ class _KResponseTrainer(DPOTrainer):
         tokenizer = _tokenizer_of(processing_class)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = args.pad_token or tokenizer.eos_token
+        user_collator = data_collator is not None
         if data_collator is None:
             data_collator = DataCollatorForKResponses(
                 pad_token_id=tokenizer.pad_token_id,
@@ -137,6 +139,29 @@ class _KResponseTrainer(DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        if not user_collator:
+            self.data_collator = self._choose_layout(args, tokenizer.pad_token_id)
+
+    def _choose_layout(self, args: NCAConfig, pad_token_id: int):
+        """The shared-prompt collator where `prompt_sharing` and the attention implementation allow it, else the
+        padded one. (Chosen once the model is loaded, since its attention implementation decides.)"""
+        padded = self.data_collator
+        if args.prompt_sharing == "off":
+            return padded
+        attn = self.accelerator.unwrap_model(self.model).config._attn_implementation
+        reason = None
+        if attn not in SUPPORTED_ATTENTION:
+            reason = f"attn_implementation={attn!r} cannot take its custom 4D mask (supported: {SUPPORTED_ATTENTION})"
+        elif args.truncation_mode != "keep_start":
+            reason = f"truncation_mode={args.truncation_mode!r} (it supports 'keep_start')"
+        if reason is None:
+            return DataCollatorForSharedPrompt(
+                pad_token_id=pad_token_id, max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of
+            )
+        if args.prompt_sharing == "on":
+            raise ValueError(f"prompt_sharing='on' is not possible here: {reason}. Use 'auto' or 'off'.")
+        logger.warning(f"The shared-prompt layout is off because {reason}; using the padded layout.")
+        return padded
 
     # Replaces DPOTrainer._prepare_dataset: any accepted layout -> canonical rows -> prompt_ids + K completion_ids
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -180,9 +205,21 @@ class _KResponseTrainer(DPOTrainer):
         if self._signature_columns is None:
             self._signature_columns = ["prompt_ids", "completion_ids", "rewards", "ref_logps"]
 
+    def _model_inputs(self, model, inputs: dict) -> dict:
+        kwargs = {key: inputs[key] for key in _MODEL_INPUTS if key in inputs}
+        if kwargs["attention_mask"].dim() == 4:  # the shared-prompt layout's custom mask
+            config = self.accelerator.unwrap_model(model).config
+            dtype = next(model.parameters()).dtype
+            if not dtype.is_floating_point:  # quantized weights: masks follow the compute dtype
+                dtype = torch.bfloat16 if self.args.bf16 else torch.float32
+            kwargs["attention_mask"] = attention_mask_for(kwargs["attention_mask"], config._attn_implementation, dtype)
+        return kwargs
+
     def _sequence_logps(self, model, inputs: dict) -> tuple[torch.Tensor, object]:
-        """Summed response log-probabilities of every sequence of the batch, `(N,)`, through TRL's fused LM head."""
-        model_kwargs = {key: inputs[key] for key in _MODEL_INPUTS if key in inputs}
+        """Summed log-probabilities of every response of the batch, `(N,)` in row-major order of `response_mask`,
+        through TRL's fused LM head. Tokens are summed by `response_ids`, so a sequence may hold one response
+        (padded layout) or a prompt and all of its responses (shared-prompt layout)."""
+        model_kwargs = self._model_inputs(model, inputs)
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         if self.aux_loss_enabled and model is self.model:
@@ -190,7 +227,11 @@ class _KResponseTrainer(DPOTrainer):
         outputs = model(**model_kwargs, labels=labels, use_cache=False, fused_lm_head=True)
         # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
         per_token = outputs.log_probs[:, -(completion_mask.size(1) - 1) :]
-        return per_token.sum(dim=1), outputs
+        owner = inputs["response_ids"][:, 1:]  # the response each next-token label belongs to
+        valid = owner >= 0
+        num_responses = int(inputs["response_mask"].sum())
+        logps = per_token.new_zeros(num_responses).index_add(0, owner[valid], per_token[valid])
+        return logps, outputs
 
     @staticmethod
     def _per_response(flat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -297,7 +338,7 @@ class _KResponseTrainer(DPOTrainer):
         if return_outputs:
             # compute_metrics needs logits, which the fused LM head does not build: one more forward, as DPOTrainer
             with torch.no_grad():
-                outputs = model(**{key: inputs[key] for key in _MODEL_INPUTS if key in inputs})
+                outputs = model(**self._model_inputs(model, inputs))
             return loss, outputs
         return loss
 
@@ -311,21 +352,23 @@ class _KResponseTrainer(DPOTrainer):
                 self._metrics[mode][key].append(column.nanmean().item())
 
         # Per-token statistics over all responses (entropy) and over the best responses (token accuracy)
-        shift_mask = inputs["completion_mask"][:, 1:].bool()
+        owner = inputs["response_ids"][:, 1:]
+        shift_mask = owner >= 0
         seq_len = shift_mask.size(1)
         entropy = outputs.entropy[:, -seq_len:].detach()
         sums = torch.stack([(entropy * shift_mask).sum(), shift_mask.sum().to(entropy.dtype)])
         flat_index = torch.full(response_mask.shape, -1, device=response_mask.device, dtype=torch.long)
         flat_index[response_mask] = torch.arange(int(response_mask.sum()), device=response_mask.device)
         best = rewards.masked_fill(~response_mask, float("-inf")).argmax(dim=-1, keepdim=True)
-        best_mask = shift_mask[flat_index.gather(-1, best).squeeze(-1)]
-        is_top1 = outputs.is_top1[:, -seq_len:][flat_index.gather(-1, best).squeeze(-1)]
+        best_mask = torch.isin(owner, flat_index.gather(-1, best).squeeze(-1)) & shift_mask
+        is_top1 = outputs.is_top1[:, -seq_len:]
         token_sums = torch.stack([(is_top1 & best_mask).sum(), best_mask.sum()]).to(entropy.dtype)
         sums = self.accelerator.gather_for_metrics(torch.cat([sums, token_sums]).unsqueeze(0)).sum(dim=0)
         self._metrics[mode]["entropy"].append((sums[0] / sums[1].clamp(min=1)).item())
         self._metrics[mode]["mean_token_accuracy"].append((sums[2] / sums[3].clamp(min=1)).item())
         if mode == "train":
-            num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            real_tokens = inputs["padding_mask"] if "padding_mask" in inputs else inputs["attention_mask"]
+            num_tokens = self.accelerator.gather_for_metrics(real_tokens.sum()).sum().item()
             self._total_train_tokens += num_tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 

@@ -1,0 +1,152 @@
+"""The shared-prompt layout: each row's prompt is encoded once for all of its K responses.
+
+A row becomes one segment of a sequence:
+
+    prompt[:-1] | prompt[-1] r1_0 .. r1_n | prompt[-1] r2_0 .. r2_m | ...
+
+Every response segment starts with a copy of the prompt's last token at the prompt's last position, so the ordinary
+shifted labels of TRL's fused LM head score each response's first token from the same context as separate forwards.
+Position ids restart at that position for every response. The attention mask lets each response see the prompt and,
+causally, its own tokens, never another response. Rows are one per sequence by default: dense-mask backends (`sdpa`,
+`eager`) pay for every masked score, so packing rows into one sequence makes attention quadratic in the packed length
+(measured slower than padding in docs/perf-notes). `pack_rows=True` puts all rows into one sequence, block-diagonal.
+
+Compared with the padded layout, a row costs `len(prompt) + sum(len(r_k) + 1) - 1` tokens instead of
+`K * (len(prompt) + max_k len(r_k))`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.data.data_collator import DataCollatorMixin
+
+from .collator import per_response_values
+
+# Attention implementations that take a dense 4D mask with position ids, checked against separate forwards in the
+# tests. `eager` adds the mask to the scores, so it gets the additive form (see `attention_mask_for`).
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class DataCollatorForSharedPrompt(DataCollatorMixin):
+    """Collate K-response rows in the shared-prompt layout (same inputs as `DataCollatorForKResponses`).
+
+    Returns `input_ids` and `position_ids` `(S, L)`, a boolean `attention_mask` `(S, 1, L, L)` (True = may attend),
+    `completion_mask`, `padding_mask` (1 = a real token), `response_ids` (for each response token, the index of its
+    response in row-major order of `response_mask`, -1 elsewhere), and the `(B, K)` `response_mask`, `rewards` and
+    (when precomputed) `ref_logps`. Each prompt+response is truncated to `max_length` from the end (`keep_start`), as
+    in the padded layout, so both layouts score the same tokens.
+
+    Example:
+        >>> collator = DataCollatorForSharedPrompt(pad_token_id=0)
+        >>> batch = collator([{"prompt_ids": [1, 2, 3], "completion_ids": [[4, 5], [6]], "rewards": [1.0, 0.0]}])
+        >>> batch["input_ids"], batch["position_ids"]
+        (tensor([[1, 2, 3, 4, 5, 3, 6]]), tensor([[0, 1, 2, 3, 4, 2, 3]]))
+        >>> batch["response_ids"]
+        tensor([[-1, -1, -1,  0,  0, -1,  1]])
+        >>> batch["attention_mask"][0, 0].int()
+        tensor([[1, 0, 0, 0, 0, 0, 0],
+                [1, 1, 0, 0, 0, 0, 0],
+                [1, 1, 1, 0, 0, 0, 0],
+                [1, 1, 1, 1, 0, 0, 0],
+                [1, 1, 1, 1, 1, 0, 0],
+                [1, 1, 0, 0, 0, 1, 0],
+                [1, 1, 0, 0, 0, 1, 1]], dtype=torch.int32)
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+    pack_rows: bool = False
+    return_tensors: str = "pt"
+
+    def _row(self, example: dict, first_response: int) -> dict[str, list[int]]:
+        prompt = example["prompt_ids"]
+        if not prompt:
+            raise ValueError("The shared-prompt layout needs at least one prompt token per row")
+        shared = len(prompt) - 1
+        tokens, positions, segments, completion, response = (
+            list(prompt[:-1]),
+            list(range(shared)),
+            [0] * shared,
+            [],
+            [],
+        )
+        completion = [0] * shared
+        response = [-1] * shared
+        budget = None if self.max_length is None else max(self.max_length - len(prompt), 0)
+        for k, answer in enumerate(example["completion_ids"]):
+            answer = answer[:budget]
+            tokens += [prompt[-1], *answer]
+            positions += list(range(shared, shared + len(answer) + 1))
+            segments += [k + 1] * (len(answer) + 1)
+            completion += [0] + [1] * len(answer)
+            response += [-1] + [first_response + k] * len(answer)
+        return {
+            "tokens": tokens,
+            "positions": positions,
+            "segments": segments,
+            "completion": completion,
+            "response": response,
+        }
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        rows, first = [], 0
+        for example in examples:
+            rows.append(self._row(example, first))
+            first += len(example["completion_ids"])
+        groups = [rows] if self.pack_rows else [[row] for row in rows]
+
+        lengths = [sum(len(row["tokens"]) for row in group) for group in groups]
+        length = max(lengths)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        shape = (len(groups), length)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        completion_mask = torch.zeros(shape, dtype=torch.long)
+        padding_mask = torch.zeros(shape, dtype=torch.long)
+        response_ids = torch.full(shape, -1, dtype=torch.long)
+        attention = torch.zeros((len(groups), 1, length, length), dtype=torch.bool)
+        for s, group in enumerate(groups):
+            start = 0
+            for row in group:
+                n = len(row["tokens"])
+                span = slice(start, start + n)
+                input_ids[s, span] = torch.tensor(row["tokens"])
+                position_ids[s, span] = torch.tensor(row["positions"])
+                completion_mask[s, span] = torch.tensor(row["completion"])
+                response_ids[s, span] = torch.tensor(row["response"])
+                padding_mask[s, span] = 1
+                segment = torch.tensor(row["segments"])
+                # A token sees the prompt (segment 0) and its own segment, causally
+                visible = (segment[None, :] == 0) | (segment[None, :] == segment[:, None])
+                attention[s, 0, span, span] = visible & torch.ones(n, n, dtype=torch.bool).tril()
+                start += n
+            # Padding attends to itself only, so no attention row is empty (an empty row gives NaN in sdpa)
+            pad = torch.arange(start, length)
+            attention[s, 0, pad, pad] = True
+            position_ids[s, start:] = torch.arange(length - start)
+
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention,
+            "position_ids": position_ids,
+            "completion_mask": completion_mask,
+            "padding_mask": padding_mask,
+            "response_ids": response_ids,
+        }
+        batch.update(per_response_values(examples))
+        return batch
+
+
+def attention_mask_for(mask: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """The 4D mask in the form an attention implementation takes: boolean for `sdpa`, additive (0 where attending,
+    the dtype's minimum elsewhere) for `eager`, which adds the mask to the scores and is silently wrong with a
+    boolean one."""
+    if mask.dtype != torch.bool or attn_implementation != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
