@@ -118,15 +118,14 @@ def test_truncation_scores_the_same_tokens_in_both_layouts():
 
 
 def test_fallback_with_one_warning_and_error_when_forced(tokenizer, model, tmp_path, caplog):
+    # flash_attention_2 needs the flash-attn package and a GPU to run, but the layout choice only reads the name
     with caplog.at_level(logging.WARNING, logger="trl_nca"):
-        trainer = make_trainer(tokenizer, copy.deepcopy(model), tmp_path, attn="flex_attention")
+        trainer = make_trainer(tokenizer, copy.deepcopy(model), tmp_path, attn="flash_attention_2")
     assert type(trainer.data_collator) is DataCollatorForKResponses
     warnings = [r.getMessage() for r in caplog.records if "shared-prompt layout is off" in r.getMessage()]
-    assert len(warnings) == 1 and "flex_attention" in warnings[0]
-    with pytest.raises(
-        ValueError, match="prompt_sharing='on' is not possible here: attn_implementation='flex_attention'"
-    ):
-        make_trainer(tokenizer, copy.deepcopy(model), tmp_path, attn="flex_attention", prompt_sharing="on")
+    assert len(warnings) == 1 and "flash_attention_2" in warnings[0]
+    with pytest.raises(ValueError, match="prompt_sharing='on' is not possible here: attn_implementation='flash_atte"):
+        make_trainer(tokenizer, copy.deepcopy(model), tmp_path, attn="flash_attention_2", prompt_sharing="on")
     with pytest.raises(ValueError, match="truncation_mode='keep_end'"):
         make_trainer(tokenizer, copy.deepcopy(model), tmp_path, prompt_sharing="on", truncation_mode="keep_end")
 
@@ -154,3 +153,15 @@ def test_works_with_lora_gradient_checkpointing_and_precomputed_reference(tokeni
         losses[sharing] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert abs(losses["on"][0] - 2 * math.log(2)) > 1e-3  # a random adapter: the policy differs from the reference
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-4)
+
+
+@pytest.mark.parametrize("pack_rows", [False, True])
+def test_flex_attention_block_mask_gives_the_log_probs_of_separate_forwards(pack_rows, tokenizer, model, tmp_path):
+    """FlexAttention's forward runs on CPU (its backward, i.e. training, needs a GPU in torch 2.13)."""
+    trainer = make_trainer(tokenizer, model, tmp_path, attn="flex_attention", prompt_sharing="on")
+    rows = [trainer.train_dataset[i] for i in range(5)]
+    batch = DataCollatorForSharedPrompt(pad_token_id=tokenizer.pad_token_id, pack_rows=pack_rows)(rows)
+    with torch.no_grad():
+        policy, _ = trainer._sequence_logps(trainer.model, batch)
+    model.config._attn_implementation = "sdpa"  # the independent computation
+    torch.testing.assert_close(policy.double(), separate_logps(trainer.model, rows), atol=1e-4, rtol=0)

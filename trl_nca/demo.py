@@ -143,6 +143,8 @@ def run_demo(settings: DemoSettings) -> dict:
         end_eval = evals[-1]  # the last periodic evaluation already ran after the last step
     else:
         end_eval = trainer.evaluate()
+    # `train()` starts a fresh log history: put the evaluation before the first step back in, as step 0
+    trainer.state.log_history.insert(0, {**start_eval, "step": 0})
     trainer.save_model(str(out))
     trainer.state.save_to_json(str(out / "trainer_state.json"))
 

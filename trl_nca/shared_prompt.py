@@ -25,9 +25,10 @@ from transformers.data.data_collator import DataCollatorMixin
 
 from .collator import per_response_values
 
-# Attention implementations that take a dense 4D mask with position ids, checked against separate forwards in the
-# tests. `eager` adds the mask to the scores, so it gets the additive form (see `attention_mask_for`).
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+# Attention implementations checked against separate forwards in the tests: `sdpa` and `eager` take a dense 4D mask
+# (`eager` adds it to the scores, so it gets the additive form, see `attention_mask_for`); `flex_attention` takes a
+# block mask built from the segment ids (`block_mask_for`), which skips fully masked blocks, so packing rows pays off.
+SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
 @dataclass
@@ -36,9 +37,10 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
 
     Returns `input_ids` and `position_ids` `(S, L)`, a boolean `attention_mask` `(S, 1, L, L)` (True = may attend),
     `completion_mask`, `padding_mask` (1 = a real token), `response_ids` (for each response token, the index of its
-    response in row-major order of `response_mask`, -1 elsewhere), and the `(B, K)` `response_mask`, `rewards` and
-    (when precomputed) `ref_logps`. Each prompt+response is truncated to `max_length` from the end (`keep_start`), as
-    in the padded layout, so both layouts score the same tokens.
+    response in row-major order of `response_mask`, -1 elsewhere), `segment_ids` (0 = prompt, k + 1 = response k,
+    -1 = padding) and `row_ids` (the row within the sequence, -1 = padding) for block masks, and the `(B, K)`
+    `response_mask`, `rewards` and (when precomputed) `ref_logps`. Each prompt+response is truncated to `max_length`
+    from the end (`keep_start`), as in the padded layout, so both layouts score the same tokens.
 
     Example:
         >>> collator = DataCollatorForSharedPrompt(pad_token_id=0)
@@ -110,10 +112,12 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
         completion_mask = torch.zeros(shape, dtype=torch.long)
         padding_mask = torch.zeros(shape, dtype=torch.long)
         response_ids = torch.full(shape, -1, dtype=torch.long)
+        segment_ids = torch.full(shape, -1, dtype=torch.long)
+        row_ids = torch.full(shape, -1, dtype=torch.long)
         attention = torch.zeros((len(groups), 1, length, length), dtype=torch.bool)
         for s, group in enumerate(groups):
             start = 0
-            for row in group:
+            for r, row in enumerate(group):
                 n = len(row["tokens"])
                 span = slice(start, start + n)
                 input_ids[s, span] = torch.tensor(row["tokens"])
@@ -122,6 +126,8 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
                 response_ids[s, span] = torch.tensor(row["response"])
                 padding_mask[s, span] = 1
                 segment = torch.tensor(row["segments"])
+                segment_ids[s, span] = segment
+                row_ids[s, span] = r
                 # A token sees the prompt (segment 0) and its own segment, causally
                 visible = (segment[None, :] == 0) | (segment[None, :] == segment[:, None])
                 attention[s, 0, span, span] = visible & torch.ones(n, n, dtype=torch.bool).tril()
@@ -138,6 +144,8 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
             "completion_mask": completion_mask,
             "padding_mask": padding_mask,
             "response_ids": response_ids,
+            "segment_ids": segment_ids,
+            "row_ids": row_ids,
         }
         batch.update(per_response_values(examples))
         return batch
@@ -150,3 +158,19 @@ def attention_mask_for(mask: torch.Tensor, attn_implementation: str, dtype: torc
     if mask.dtype != torch.bool or attn_implementation != "eager":
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def block_mask_for(segment_ids: torch.Tensor, row_ids: torch.Tensor):
+    """The FlexAttention block mask of the shared-prompt layout: same row, causal, and the key in the prompt or in the
+    query's own response; padding attends to itself. Fully masked blocks (other rows, other responses) are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        query_row, key_row = row_ids[b, q_idx], row_ids[b, kv_idx]
+        key_segment = segment_ids[b, kv_idx]
+        visible = (key_segment == 0) | (key_segment == segment_ids[b, q_idx])
+        real = (query_row >= 0) & (query_row == key_row) & (kv_idx <= q_idx) & visible
+        return real | ((query_row < 0) & (q_idx == kv_idx))
+
+    sequences, length = segment_ids.shape
+    return create_block_mask(mask_mod, sequences, None, length, length, device=segment_ids.device)

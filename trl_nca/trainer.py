@@ -38,7 +38,7 @@ from .config import NCAConfig
 from .data import convert_to_k_responses
 from .losses import infonca_loss, nca_loss
 from .metrics import k_response_metrics
-from .shared_prompt import SUPPORTED_ATTENTION, DataCollatorForSharedPrompt, attention_mask_for
+from .shared_prompt import SUPPORTED_ATTENTION, DataCollatorForSharedPrompt, attention_mask_for, block_mask_for
 from .tokenization import tokenize_k_responses
 
 logger = logging.get_logger(__name__)
@@ -209,6 +209,9 @@ class _KResponseTrainer(DPOTrainer):
         kwargs = {key: inputs[key] for key in _MODEL_INPUTS if key in inputs}
         if kwargs["attention_mask"].dim() == 4:  # the shared-prompt layout's custom mask
             config = self.accelerator.unwrap_model(model).config
+            if config._attn_implementation == "flex_attention":
+                kwargs["attention_mask"] = block_mask_for(inputs["segment_ids"], inputs["row_ids"])
+                return kwargs
             dtype = next(model.parameters()).dtype
             if not dtype.is_floating_point:  # quantized weights: masks follow the compute dtype
                 dtype = torch.bfloat16 if self.args.bf16 else torch.float32
