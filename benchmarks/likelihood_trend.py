@@ -56,26 +56,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from trl_nca import InfoNCATrainer, NCAConfig, NCATrainer
     from trl_nca.arithmetic import make_problems
-    from trl_nca.demo import DemoSettings, heldout_accuracy
+    from trl_nca.demo import HELDOUT_SEED_OFFSET, DemoSettings, heldout_accuracy, load_model
     from trl_nca.generate import build_reward_dataset
-    from trl_nca.smollm2 import materialize_smollm2
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     on_gpu = torch.cuda.is_available()
-    model_dir = materialize_smollm2(args.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if on_gpu:
-        base = base.cuda()
+    base, tokenizer = load_model(args.model_dir)
 
     train_problems = make_problems(args.train_prompts, seed=args.seed)
-    heldout_problems = make_problems(args.heldout_prompts, seed=args.seed + 1_000_003)
+    heldout_problems = make_problems(args.heldout_prompts, seed=args.seed + HELDOUT_SEED_OFFSET)
     train_rows, _ = build_reward_dataset(
         base, tokenizer, train_problems, "arithmetic", k=args.k, seed=args.seed, max_new_tokens=40
     )

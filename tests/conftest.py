@@ -48,12 +48,12 @@ def tokenizer():
     return build_tokenizer()
 
 
-def build_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+def build_model(tokenizer, seed: int = 0, hidden_size: int = 32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -15,6 +15,21 @@ from trl_nca import InfoNCATrainer, NCATrainer
 CASES = [(InfoNCATrainer, "sigmoid"), (NCATrainer, "nca_pair")]
 
 
+def dpo_and_ours(ours_cls, loss_type, data, tokenizer, model, other_model, tmp_path, **overrides):
+    """DPOTrainer and one of ours on the same data, each with its own copy of the same policy and reference."""
+
+    def build(cls, args):
+        return cls(
+            model=copy.deepcopy(model),
+            ref_model=copy.deepcopy(other_model),
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
+
+    return build(DPOTrainer, dpo_args(tmp_path, loss_type=loss_type)), build(ours_cls, nca_args(tmp_path, **overrides))
+
+
 def first_batch_loss_and_grads(trainer):
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
     batch = trainer._prepare_inputs(trainer.data_collator(rows))
@@ -29,20 +44,8 @@ def first_batch_loss_and_grads(trainer):
 def test_first_step_loss_and_gradient_match_dpo(
     ours_cls, loss_type, conversational, tokenizer, model, other_model, tmp_path
 ):
-    data = pairwise_dataset(conversational)
-    dpo = DPOTrainer(
-        model=copy.deepcopy(model),
-        ref_model=copy.deepcopy(other_model),
-        args=dpo_args(tmp_path, loss_type=loss_type),
-        train_dataset=data,
-        processing_class=tokenizer,
-    )
-    ours = ours_cls(
-        model=copy.deepcopy(model),
-        ref_model=copy.deepcopy(other_model),
-        args=nca_args(tmp_path),
-        train_dataset=data,
-        processing_class=tokenizer,
+    dpo, ours = dpo_and_ours(
+        ours_cls, loss_type, pairwise_dataset(conversational), tokenizer, model, other_model, tmp_path
     )
 
     dpo_loss, dpo_grads = first_batch_loss_and_grads(dpo)
@@ -61,19 +64,8 @@ def test_one_training_step_logs_dpo_keys_with_dpo_values(
     ours_cls, loss_type, prompt_sharing, tokenizer, model, other_model, tmp_path
 ):
     data = pairwise_dataset()
-    dpo = DPOTrainer(
-        model=copy.deepcopy(model),
-        ref_model=copy.deepcopy(other_model),
-        args=dpo_args(tmp_path, loss_type=loss_type),
-        train_dataset=data,
-        processing_class=tokenizer,
-    )
-    ours = ours_cls(
-        model=copy.deepcopy(model),
-        ref_model=copy.deepcopy(other_model),
-        args=nca_args(tmp_path, prompt_sharing=prompt_sharing),
-        train_dataset=data,
-        processing_class=tokenizer,
+    dpo, ours = dpo_and_ours(
+        ours_cls, loss_type, data, tokenizer, model, other_model, tmp_path, prompt_sharing=prompt_sharing
     )
     dpo.train()
     ours.train()

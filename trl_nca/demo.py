@@ -44,6 +44,21 @@ class DemoSettings:
         return cls(**{"train_prompts": 24, "heldout_prompts": 24, "epochs": 1, "trend_rows": 8, **overrides})
 
 
+# Held-out questions come from this offset of the training seed, so the two sets differ
+HELDOUT_SEED_OFFSET = 1_000_003
+
+
+def load_model(model_dir: str):
+    """`(model, tokenizer)`: SmolLM2 from its materialised folder (made on first use), float32, on the GPU if any."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .smollm2 import materialize_smollm2
+
+    folder = materialize_smollm2(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return (model.cuda() if torch.cuda.is_available() else model), AutoTokenizer.from_pretrained(folder)
+
+
 def heldout_accuracy(model, tokenizer, problems, settings: DemoSettings) -> tuple[float, list[str]]:
     from .generate import generate
 
@@ -62,26 +77,20 @@ def heldout_accuracy(model, tokenizer, problems, settings: DemoSettings) -> tupl
 
 def run_demo(settings: DemoSettings) -> dict:
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .config import NCAConfig
     from .generate import build_reward_dataset
     from .plot import plot_log_history
-    from .smollm2 import materialize_smollm2
     from .trainer import NCATrainer
 
     start = time.time()
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     on_gpu = torch.cuda.is_available()
-    model_dir = materialize_smollm2(settings.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if on_gpu:
-        model = model.cuda()
+    model, tokenizer = load_model(settings.model_dir)
 
     train_problems = make_problems(settings.train_prompts, seed=settings.seed)
-    heldout = make_problems(settings.heldout_prompts, seed=settings.seed + 1_000_003)  # a different seed
+    heldout = make_problems(settings.heldout_prompts, seed=settings.seed + HELDOUT_SEED_OFFSET)
     before, _ = heldout_accuracy(model, tokenizer, heldout, settings)
     print(f"Held-out accuracy before training: {before:.3f}")
 
