@@ -124,6 +124,9 @@ class _KResponseTrainer(DPOTrainer):
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
         self.reward_temperature = args.reward_temperature
+        # The layout needs the loaded model's attention implementation: chosen at the first of the end of
+        # `__init__` and the reference precompute that DPOTrainer runs inside it (see `_ensure_layout`)
+        self._layout_pending = None if user_collator else (args, tokenizer.pad_token_id)
 
         super().__init__(
             model=model,
@@ -139,8 +142,12 @@ class _KResponseTrainer(DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
-        if not user_collator:
-            self.data_collator = self._choose_layout(args, tokenizer.pad_token_id)
+        self._ensure_layout()
+
+    def _ensure_layout(self):
+        if self._layout_pending is not None:
+            self.data_collator = self._choose_layout(*self._layout_pending)
+            self._layout_pending = None
 
     def _choose_layout(self, args: NCAConfig, pad_token_id: int):
         """The shared-prompt collator where `prompt_sharing` and the attention implementation allow it, else the
@@ -259,6 +266,7 @@ class _KResponseTrainer(DPOTrainer):
 
     # Replaces DPOTrainer._precompute_ref_logps: stores a list of K_i reference log-probabilities per row
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        self._ensure_layout()
         if isinstance(dataset, IterableDataset):
             raise ValueError(
                 "`precompute_ref_log_probs=True` needs a map-style Dataset, not an IterableDataset; set "
