@@ -3,7 +3,9 @@
 from .collator import DataCollatorForKResponses
 from .config import NCAConfig
 from .data import LAYOUTS, convert_to_k_responses, detect_layout, to_k_responses
+from .generate import build_reward_dataset
 from .losses import infonca_loss, nca_loss, soft_labels
+from .shared_prompt import DataCollatorForSharedPrompt
 from .trainer import InfoNCATrainer, NCATrainer
 
 __version__ = "0.1.0"
@@ -11,7 +13,9 @@ __version__ = "0.1.0"
 __all__ = [
     "LAYOUTS",
     "DataCollatorForKResponses",
+    "DataCollatorForSharedPrompt",
     "InfoNCATrainer",
+    "build_reward_dataset",
     "NCAConfig",
     "NCATrainer",
     "convert_to_k_responses",
