@@ -437,3 +437,27 @@ def test_saved_model_reloads(assets, tmp_path):
     )
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(reloaded.lm_head.weight, trainer.model.lm_head.weight)
+
+
+def test_generate_command_writes_a_scored_dataset(assets, tmp_path, capsys):
+    out = tmp_path / "generated"
+    argv = [
+        "generate",
+        "--model",
+        str(assets / "tiny"),
+        "--task",
+        "arithmetic",
+        "--num_prompts",
+        "3",
+        "--k",
+        "2",
+        "--max_new_tokens",
+        "4",
+        "--output_dir",
+        str(out),
+    ]
+    assert cli.main(argv) == 0
+    data = load_from_disk(str(out))
+    assert len(data) == 3 and all(len(c) == 2 and len(r) == 2 for c, r in zip(data["completions"], data["rewards"]))
+    assert set(data.column_names) >= {"prompt", "completions", "rewards", "answer"}
+    assert "3 prompts x 2 responses" in capsys.readouterr().out
