@@ -58,6 +58,29 @@ def parse(args):
     return make_parser().parse_args_and_config(args)[:4]
 
 
+def tiny_run(assets, output_dir, *extra):
+    """Parsed arguments for a CPU float32 run of the tiny model on the K-response JSONL, plus `extra`."""
+    return parse(
+        [
+            "--model_name_or_path",
+            str(assets / "tiny"),
+            "--dataset_name",
+            str(assets / "data.jsonl"),
+            "--bf16",
+            "false",
+            "--use_cpu",
+            "true",
+            "--gradient_checkpointing",
+            "false",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(output_dir),
+            *extra,
+        ]
+    )
+
+
 @pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
 def test_training_recipe_parses_with_no_unknown_key_and_says_how_to_run(recipe):
     keys = set(yaml.safe_load(recipe.read_text()))
@@ -119,39 +142,25 @@ def test_training_recipe_runs_two_steps_on_cpu(recipe, assets, tmp_path):
 
 
 def test_qlora_on_cpu_trains_only_the_lora_weights(assets, tmp_path):
-    parsed = parse(
-        [
-            "--model_name_or_path",
-            str(assets / "tiny"),
-            "--dataset_name",
-            str(assets / "data.jsonl"),
-            "--load_in_4bit",
-            "true",
-            "--dtype",
-            "float32",
-            "--use_peft",
-            "true",
-            "--lora_r",
-            "4",
-            "--lora_target_modules",
-            "all-linear",
-            "--max_steps",
-            "2",
-            "--learning_rate",
-            "1e-2",
-            "--bf16",
-            "false",
-            "--use_cpu",
-            "true",
-            "--gradient_checkpointing",
-            "false",
-            "--output_dir",
-            str(tmp_path),
-            "--report_to",
-            "none",
-            "--logging_steps",
-            "1",
-        ]
+    parsed = tiny_run(
+        assets,
+        tmp_path,
+        "--load_in_4bit",
+        "true",
+        "--dtype",
+        "float32",
+        "--use_peft",
+        "true",
+        "--lora_r",
+        "4",
+        "--lora_target_modules",
+        "all-linear",
+        "--max_steps",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--logging_steps",
+        "1",
     )
     captured = {}
 
@@ -181,40 +190,26 @@ class StopAt(TrainerCallback):
 @pytest.mark.parametrize("precompute", [False, True])
 def test_resumed_run_ends_like_an_uninterrupted_one(precompute, assets, tmp_path):
     def args(output_dir, *extra):
-        return parse(
-            [
-                "--model_name_or_path",
-                str(assets / "tiny"),
-                "--dataset_name",
-                str(assets / "data.jsonl"),
-                "--max_steps",
-                "4",
-                "--per_device_train_batch_size",
-                "2",
-                "--learning_rate",
-                "1e-2",
-                "--save_strategy",
-                "steps",
-                "--save_steps",
-                "2",
-                "--logging_steps",
-                "1",
-                "--beta",
-                "0.5",
-                "--bf16",
-                "false",
-                "--use_cpu",
-                "true",
-                "--gradient_checkpointing",
-                "false",
-                "--report_to",
-                "none",
-                "--precompute_ref_log_probs",
-                str(precompute).lower(),
-                "--output_dir",
-                str(output_dir),
-                *extra,
-            ]
+        return tiny_run(
+            assets,
+            output_dir,
+            "--max_steps",
+            "4",
+            "--per_device_train_batch_size",
+            "2",
+            "--learning_rate",
+            "1e-2",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2",
+            "--logging_steps",
+            "1",
+            "--beta",
+            "0.5",
+            "--precompute_ref_log_probs",
+            str(precompute).lower(),
+            *extra,
         )
 
     full = main(*args(tmp_path / "full"), algorithm="infonca")
@@ -414,27 +409,7 @@ def test_unknown_recipe_field_and_gpu_recipe_on_cpu_are_one_line(tmp_path, capsy
 
 
 def test_saved_model_reloads(assets, tmp_path):
-    trainer = main(
-        *parse(
-            [
-                "--model_name_or_path",
-                str(assets / "tiny"),
-                "--dataset_name",
-                str(assets / "data.jsonl"),
-                "--max_steps",
-                "1",
-                "--bf16",
-                "false",
-                "--use_cpu",
-                "true",
-                "--report_to",
-                "none",
-                "--output_dir",
-                str(tmp_path),
-            ]
-        ),
-        algorithm="nca",
-    )
+    trainer = main(*tiny_run(assets, tmp_path, "--max_steps", "1"), algorithm="nca")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(reloaded.lm_head.weight, trainer.model.lm_head.weight)
 
