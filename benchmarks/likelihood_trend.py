@@ -59,9 +59,8 @@ def main(argv=None):
     from trl import DPOConfig, DPOTrainer
 
     from trl_nca import InfoNCATrainer, NCAConfig, NCATrainer
-    from trl_nca.arithmetic import make_problems
-    from trl_nca.demo import HELDOUT_SEED_OFFSET, DemoSettings, heldout_accuracy, load_model
-    from trl_nca.generate import build_reward_dataset
+    from trl_nca.demo import arithmetic_reward, heldout_accuracy, heldout_problems, load_model, make_problems
+    from trl_nca.generation import build_reward_dataset
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,17 +68,16 @@ def main(argv=None):
     base, tokenizer = load_model(args.model_dir)
 
     train_problems = make_problems(args.train_prompts, seed=args.seed)
-    heldout_problems = make_problems(args.heldout_prompts, seed=args.seed + HELDOUT_SEED_OFFSET)
+    heldout = heldout_problems(args.heldout_prompts, seed=args.seed)
     train_rows, _ = build_reward_dataset(
-        base, tokenizer, train_problems, "arithmetic", k=args.k, seed=args.seed, max_new_tokens=40
+        base, tokenizer, train_problems, arithmetic_reward, k=args.k, seed=args.seed, max_new_tokens=40
     )
     heldout_rows, _ = build_reward_dataset(
-        base, tokenizer, heldout_problems, "arithmetic", k=args.k, seed=args.seed + 1, max_new_tokens=40
+        base, tokenizer, heldout, arithmetic_reward, k=args.k, seed=args.seed + 1, max_new_tokens=40
     )
     # The same held-out rows for every method: those with a unique preference between best and worst
     heldout_rows = heldout_rows.filter(lambda row: max(row["rewards"]) > min(row["rewards"]))
-    settings = DemoSettings(max_new_tokens=40)
-    accuracy_start, _ = heldout_accuracy(base, tokenizer, heldout_problems, settings)
+    accuracy_start, _ = heldout_accuracy(base, tokenizer, heldout, max_new_tokens=40)
 
     common = dict(
         output_dir=str(out / "tmp"),
@@ -131,7 +129,7 @@ def main(argv=None):
         first = trainer.evaluate()
         trainer.train()
         last = trainer.evaluate()
-        accuracy_end, _ = heldout_accuracy(trainer.model, tokenizer, heldout_problems, settings)
+        accuracy_end, _ = heldout_accuracy(trainer.model, tokenizer, heldout, max_new_tokens=40)
         evals = [(0, first[best_key])] + [(e["step"], e[best_key]) for e in trainer.state.log_history if best_key in e]
         curves[method] = sorted(set(evals))
         results.append(

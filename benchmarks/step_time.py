@@ -197,7 +197,7 @@ def main(argv=None):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_nca.smollm2 import materialize_smollm2
+    from trl_nca.demo.smollm2 import materialize_smollm2
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scale = args.scale if args.scale is not None else (1.0 if device.type == "cuda" else 0.25)

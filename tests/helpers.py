@@ -7,7 +7,7 @@ from trl import DPOConfig
 
 from trl_nca import NCAConfig
 
-# CPU runs must be float32: DPOConfig's bf16 default trains ~12x slower on this kind of CPU (perf-notes.md)
+# CPU runs must be float32: DPOConfig's bf16 default trains ~12x slower on this kind of CPU (docs/layouts.md)
 CPU = dict(
     use_cpu=True,
     bf16=False,

@@ -16,8 +16,8 @@ from helpers import k_response_dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from trl_nca import cli
-from trl_nca.prepare import prepare_ultrafeedback
-from trl_nca.train import main, make_parser
+from trl_nca.scripts.prepare import prepare_ultrafeedback
+from trl_nca.scripts.train import main, make_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -92,19 +92,46 @@ def test_training_recipe_parses_with_no_unknown_key_and_says_how_to_run(recipe):
     assert any("trl_nca" in line or "trl-nca" in line for line in header), "the recipe must start with its command"
 
 
+# What each launch config must set up, read back through accelerate's own parser (which rejects unknown keys)
+LAUNCH = {
+    "cpu.yaml": ("MULTI_CPU", "no", None),
+    "single_gpu.yaml": ("NO", "bf16", None),
+    "multi_gpu.yaml": ("MULTI_GPU", "bf16", None),
+    "zero2.yaml": ("DEEPSPEED", "bf16", ("zero_stage", 2)),
+    "zero3.yaml": ("DEEPSPEED", "bf16", ("zero_stage", 3)),
+    "fsdp2.yaml": ("FSDP", "bf16", ("fsdp_version", 2)),
+}
+
+
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.name)
-def test_accelerate_config_parses(config):
+def test_accelerate_config_sets_up_what_its_name_says(config):
     from accelerate.commands.config.config_args import ClusterConfig
 
-    ClusterConfig.from_yaml_file(str(config))  # raises on unknown keys
+    cluster = ClusterConfig.from_yaml_file(str(config))
+    distributed_type, precision, extra = LAUNCH[config.name]
+    assert str(cluster.distributed_type).split(".")[-1] == distributed_type
+    assert str(cluster.mixed_precision).split(".")[-1] == precision
+    assert cluster.use_cpu == (config.name == "cpu.yaml")
+    if extra is not None:
+        key, value = extra
+        settings = cluster.deepspeed_config if distributed_type == "DEEPSPEED" else cluster.fsdp_config
+        assert int(settings[key]) == value
 
 
-def test_paper_hyperparameters_in_the_qlora_recipes():
-    for name in ["nca_qlora.yaml", "infonca_qlora.yaml"]:
-        recipe = yaml.safe_load((RECIPES / "ultrafeedback" / name).read_text())
-        assert recipe["beta"] == 0.01 and recipe["learning_rate"] == 5e-6 and recipe["lora_r"] == 16
-        assert recipe["lora_alpha"] == 16 and recipe["lora_dropout"] == 0.05 and recipe["load_in_4bit"]
-        assert recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"] == 32
+@pytest.mark.parametrize("name", ["nca_qlora.yaml", "infonca_qlora.yaml"])
+def test_qlora_recipes_build_the_papers_setup(name):
+    """Through the real parser and TRL's helpers: the LoRA and 4-bit configs the trainer is handed."""
+    from trl.trainer.utils import get_peft_config, get_quantization_config
+
+    script_args, args, model_args, _ = parse(["--config", str(RECIPES / "ultrafeedback" / name), *CPU_OVERRIDES])
+    settings = (args.beta, args.learning_rate, args.lr_scheduler_type.value, args.warmup_steps, args.max_length)
+    assert settings == (0.01, 5e-6, "cosine", 0.1, 1024)
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 32 and args.num_train_epochs == 1
+    lora = get_peft_config(model_args)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, 16, 0.05)
+    assert lora.target_modules == "all-linear"
+    quantization = get_quantization_config(model_args)
+    assert quantization.load_in_4bit and quantization.bnb_4bit_quant_type == "nf4"
 
 
 @pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))

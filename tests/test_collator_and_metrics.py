@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-import trl_nca.collator
 import trl_nca.data
+import trl_nca.layouts.padded
 from trl_nca import DataCollatorForKResponses
 from trl_nca.metrics import k_response_metrics, spearman
 
 
-@pytest.mark.parametrize("module", [trl_nca.collator, trl_nca.data])
+@pytest.mark.parametrize("module", [trl_nca.layouts.padded, trl_nca.layouts.shared_prompt, trl_nca.data])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

@@ -26,7 +26,12 @@ def ultrafeedback_completion(response, overall, fine, ratings):
 
 def test_canonical_rows_pass_through_with_float_rewards():
     row = {"prompt": "Q", "completions": ["a", "b", "c"], "rewards": [1, 2.5, "3"]}
-    assert to_k_responses(row) == {"prompt": "Q", "completions": ["a", "b", "c"], "rewards": [1.0, 2.5, 3.0]}
+    assert to_k_responses(row) == {
+        "prompt": "Q",
+        "completions": ["a", "b", "c"],
+        "rewards": [1.0, 2.5, 3.0],
+        "ordered": False,
+    }
 
 
 def test_pairwise_rows_with_and_without_scores():
@@ -34,7 +39,12 @@ def test_pairwise_rows_with_and_without_scores():
     scored = to_k_responses(
         {"prompt": USER, "chosen": answer("red"), "rejected": answer("car"), "score_chosen": 8.5, "score_rejected": 3}
     )
-    assert scored == {"prompt": USER, "completions": [answer("red"), answer("car")], "rewards": [8.5, 3.0]}
+    assert scored == {
+        "prompt": USER,
+        "completions": [answer("red"), answer("car")],
+        "rewards": [8.5, 3.0],
+        "ordered": True,
+    }
 
 
 def test_pairwise_implicit_prompt_is_the_common_prefix():
@@ -43,6 +53,7 @@ def test_pairwise_implicit_prompt_is_the_common_prefix():
         "prompt": USER,
         "completions": [answer("red"), answer("car")],
         "rewards": [1.0, 0.0],
+        "ordered": True,
     }
 
 
@@ -89,7 +100,7 @@ def test_ranked_columns_layout_with_ragged_rows():
         ]
     )
     out = convert_to_k_responses(ds)
-    assert sorted(out.column_names) == ["completions", "prompt", "rewards"]
+    assert sorted(out.column_names) == ["completions", "ordered", "prompt", "rewards"]
     assert out[0]["prompt"] == USER and out[0]["rewards"] == [9.0, 5.0, 1.0]
     assert out[0]["completions"] == [answer("red"), answer("blue?"), answer("car")]
     assert out[1]["completions"] == [answer("green"), answer("tree")] and out[1]["rewards"] == [7.0, 2.0]
@@ -98,7 +109,7 @@ def test_ranked_columns_layout_with_ragged_rows():
 def test_dataset_conversion_keeps_extra_columns():
     ds = Dataset.from_dict({"prompt": ["Q"], "chosen": ["a"], "rejected": ["b"], "id": [7]})
     out = convert_to_k_responses(ds)
-    assert out[0] == {"prompt": "Q", "completions": ["a", "b"], "rewards": [1.0, 0.0], "id": 7}
+    assert out[0] == {"prompt": "Q", "completions": ["a", "b"], "rewards": [1.0, 0.0], "ordered": True, "id": 7}
 
 
 def test_detect_layout_names():
@@ -209,4 +220,5 @@ def test_binarized_rows_with_a_text_prompt_copy_take_the_prompt_from_the_convers
         "prompt": USER,
         "completions": [answer("red"), answer("car")],
         "rewards": [9.0, 2.0],
+        "ordered": True,
     }

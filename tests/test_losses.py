@@ -1,4 +1,4 @@
-"""The losses against an independent float64 per-prompt computation, and the special cases of nca-math.md."""
+"""The losses against an independent float64 per-prompt computation, and the special cases of docs/math.md."""
 
 import math
 

@@ -10,7 +10,7 @@ from helpers import k_response_dataset, nca_args
 from peft import LoraConfig
 
 from trl_nca import DataCollatorForKResponses, InfoNCATrainer, NCATrainer
-from trl_nca.shared_prompt import DataCollatorForSharedPrompt
+from trl_nca.layouts.shared_prompt import DataCollatorForSharedPrompt
 
 
 def separate_logps(model, rows):

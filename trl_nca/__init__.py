@@ -1,11 +1,10 @@
 """NCA and InfoNCA (Chen et al., NeurIPS 2024) for TRL: drop-in DPOTrainer subclasses for K scored responses."""
 
-from .collator import DataCollatorForKResponses
 from .config import NCAConfig
 from .data import LAYOUTS, convert_to_k_responses, detect_layout, to_k_responses
-from .generate import build_reward_dataset
+from .generation import build_reward_dataset
+from .layouts import DataCollatorForKResponses, DataCollatorForSharedPrompt
 from .losses import infonca_loss, nca_loss, soft_labels
-from .shared_prompt import DataCollatorForSharedPrompt
 from .trainer import InfoNCATrainer, NCATrainer
 
 __version__ = "0.1.0"
@@ -15,9 +14,9 @@ __all__ = [
     "DataCollatorForKResponses",
     "DataCollatorForSharedPrompt",
     "InfoNCATrainer",
-    "build_reward_dataset",
     "NCAConfig",
     "NCATrainer",
+    "build_reward_dataset",
     "convert_to_k_responses",
     "detect_layout",
     "infonca_loss",

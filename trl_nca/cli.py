@@ -1,7 +1,7 @@
-"""`trl-nca` (also `python -m trl_nca`): `nca`, `infonca`, and `prepare ultrafeedback`.
+"""`trl-nca` (also `python -m trl_nca`): dispatches each subcommand to its script in `trl_nca.scripts` (or the demo).
 
 Errors a newcomer hits (missing file or dataset, unknown subcommand or recipe field, a GPU recipe on a machine
-without one) end as one line on stderr and exit code 2, not a traceback.
+without one) end as one line on stderr and exit code 2, not a traceback; `TRL_NCA_DEBUG=1` shows the traceback.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _accelerator_available() -> bool:
 
 
 def _train(algorithm: str, argv: list[str]) -> int:
-    from .train import main, make_parser
+    from .scripts.train import main, make_parser
 
     parser = make_parser(prog=f"trl-nca {algorithm}")
     on_cpu = not _accelerator_available()
@@ -70,19 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         if command in {"nca", "infonca"}:
             return _train(command, rest)
         if command == "prepare":
-            from .prepare import cli as prepare_cli
+            from .scripts.prepare import cli as prepare_cli
 
             return prepare_cli(rest)
         if command == "generate":
-            from .generate_cli import cli as generate_cli
+            from .scripts.generate import cli as generate_cli
 
             return generate_cli(rest)
         if command == "demo":
-            from .demo import cli as demo_cli
+            from .demo.run import cli as demo_cli
 
             return demo_cli(rest)
         if command == "plot":
-            from .plot import cli as plot_cli
+            from .scripts.plot import cli as plot_cli
 
             return plot_cli(rest)
         print(
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except (FileNotFoundError, ValueError, KeyError) as error:
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as error:
         if os.environ.get("TRL_NCA_DEBUG"):
             raise
         text = str(error).strip().strip("'\"").splitlines()

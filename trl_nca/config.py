@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from trl import DPOConfig
 
 from .data import ULTRAFEEDBACK_REWARDS
+from .layouts import PROMPT_SHARING
+
+# The DPO loss types the trainers compute on preference pairs: InfoNCATrainer is "sigmoid", NCATrainer "nca_pair".
+# "sigmoid" is DPOConfig's default, so it is accepted by both (it is what an unset `loss_type` reads as).
+PAIR_LOSS_TYPES = ("sigmoid", "nca_pair")
 
 # DPOConfig fields whose values only mean something to DPO's own loss variants, with the value that leaves them off.
 # Setting any of them on an NCA/InfoNCA run is an error rather than a silent no-op.
 _DPO_ONLY_FIELDS = {
-    "loss_type": ["sigmoid"],
     "loss_weights": None,
     "ld_alpha": None,
     "f_divergence_type": "reverse_kl",
@@ -26,28 +31,35 @@ class NCAConfig(DPOConfig):
     Configuration for [`NCATrainer`] and [`InfoNCATrainer`]: every [`~trl.DPOConfig`] field, plus the fields below.
 
     `beta` keeps its DPOConfig meaning: r_k = beta * (log pi_theta(y_k|x) - log pi_ref(y_k|x)); the paper used 0.01.
-    DPO-only fields (`loss_type` other than its default, `loss_weights`, `ld_alpha`, `f_divergence_type`,
-    `label_smoothing`, `use_weighting`) raise a `ValueError` when set.
+    It must be a finite number > 0 (with beta <= 0 the objective rewards moving away from the labels). `loss_type`
+    may name the DPO loss the trainer computes on pairs (`"nca_pair"` for NCATrainer, `"sigmoid"` for
+    InfoNCATrainer); other DPO-only fields (`loss_weights`, `ld_alpha`, `f_divergence_type`, `label_smoothing`,
+    `use_weighting`) raise a `ValueError` when set.
 
     Parameters:
         reward_temperature (`float`, *optional*, defaults to `0.01`):
             The paper's alpha: the soft labels over a prompt's responses are softmax(rewards / reward_temperature),
-            in the units of the dataset's rewards. `0` means a hard argmax, ties sharing the mass equally.
+            in the units of the dataset's rewards. `0` means a hard argmax on the best response. Ties share the label
+            mass, except in rows listed best first (preference pairs, ranked columns), where the first listed of a
+            tie takes it. For ranked rows without scores, rewards are minus the rank (0, -1, -2, ...), so alpha is in
+            rank steps.
         ultrafeedback_reward (`str`, *optional*, defaults to `"overall_score"`):
             Which score of raw UltraFeedback rows (`instruction`, `completions` as dicts) becomes the reward:
             `"overall_score"`, `"fine-grained_score"`, or `"mean_rating"` (the mean of the annotations' ratings).
         prompt_sharing (`str`, *optional*, defaults to `"auto"`):
             `"auto"`: encode each prompt once for all its responses where the attention implementation takes a custom
-            4D mask (`sdpa`, `eager`), else the padded layout with one warning. `"on"`: always (an error where it
-            cannot work). `"off"`: the padded layout (K prompt+response sequences per row).
+            4D mask (`sdpa`, `eager`, `flex_attention`) and truncation is `keep_start`, else the padded layout with
+            one warning. `"on"`: always (an error where it cannot work). `"off"`: the padded layout (K
+            prompt+response sequences per row).
     """
 
     reward_temperature: float = field(
         default=0.01,
         metadata={
             "help": "The paper's alpha: soft labels are softmax(rewards / reward_temperature), in the units of the "
-            "dataset's rewards (paper: 0.01 on UltraFeedback scores). 0 means a hard argmax on the best response, "
-            "ties sharing the mass."
+            "dataset's rewards (paper: 0.01 on UltraFeedback scores). 0 means a hard argmax on the best response. "
+            "Ties share the mass, except in rows listed best first (preference pairs, ranked columns), where the "
+            "first listed takes it."
         },
     )
     ultrafeedback_reward: str = field(
@@ -63,14 +75,21 @@ class NCAConfig(DPOConfig):
         default="auto",
         metadata={
             "help": "Encode each prompt once for all its responses (the shared-prompt layout): 'auto' (default) where "
-            "the attention implementation takes a custom 4D mask (sdpa, eager), else the padded layout with one "
-            "warning; 'on' (an error where it cannot work); 'off' (the padded layout: K prompt+response sequences).",
-            "choices": ["auto", "on", "off"],
+            "the attention implementation takes a custom 4D mask (sdpa, eager, flex_attention), else the padded "
+            "layout with one warning; 'on' (an error where it cannot work); 'off' (the padded layout: K "
+            "prompt+response sequences).",
+            "choices": list(PROMPT_SHARING),
         },
     )
 
     def __post_init__(self):
         super().__post_init__()
+        if not set(self.loss_type) <= set(PAIR_LOSS_TYPES) or len(self.loss_type) != 1:
+            raise ValueError(
+                f"`loss_type={self.loss_type!r}` has no meaning for NCA or InfoNCA, whose loss is fixed by the "
+                "trainer class: NCATrainer on pairs is TRL's 'nca_pair' loss, InfoNCATrainer on pairs is DPO's "
+                "'sigmoid' loss. Leave it at its default or name the loss of the trainer you use."
+            )
         for name, off in _DPO_ONLY_FIELDS.items():
             if getattr(self, name) != off:
                 raise ValueError(
@@ -78,10 +97,9 @@ class NCAConfig(DPOConfig):
                     f"trainer class; leave it at its default ({off!r}). NCATrainer on pairs is TRL's 'nca_pair' loss, "
                     "InfoNCATrainer on pairs is DPO's 'sigmoid' loss."
                 )
-        if self.reward_temperature < 0:
-            raise ValueError(f"`reward_temperature` must be >= 0 (0 = hard argmax), got {self.reward_temperature}.")
-        if self.prompt_sharing not in ("auto", "on", "off"):
-            raise ValueError(f"`prompt_sharing` must be 'auto', 'on' or 'off', got {self.prompt_sharing!r}.")
+        check_beta_and_temperature(self.beta, self.reward_temperature)
+        if self.prompt_sharing not in PROMPT_SHARING:
+            raise ValueError(f"`prompt_sharing` must be one of {PROMPT_SHARING}, got {self.prompt_sharing!r}.")
         if self.ultrafeedback_reward not in ULTRAFEEDBACK_REWARDS:
             raise ValueError(
                 f"`ultrafeedback_reward` must be one of {ULTRAFEEDBACK_REWARDS}, got {self.ultrafeedback_reward!r}."
@@ -93,3 +111,17 @@ class NCAConfig(DPOConfig):
         values = {f.name: getattr(args, f.name) for f in fields(DPOConfig) if f.init}
         values.update(overrides)
         return cls(**values)
+
+
+def check_beta_and_temperature(beta: float, reward_temperature: float) -> None:
+    """The settings under which the objective means something: beta > 0 and alpha >= 0, both finite."""
+    if not math.isfinite(beta) or beta <= 0:
+        raise ValueError(
+            f"`beta` must be a finite number > 0, got {beta}: r_k = beta * logratio_k, so beta <= 0 turns the "
+            "objective around (the best response's likelihood would fall while the reward metrics look right)."
+        )
+    if not math.isfinite(reward_temperature) or reward_temperature < 0:
+        raise ValueError(
+            f"`reward_temperature` must be a finite number >= 0 (0 = hard argmax on the best response), got "
+            f"{reward_temperature}."
+        )

@@ -1,7 +1,7 @@
 """The NCA and InfoNCA objectives as pure tensor functions.
 
 Chen, He, Yuan, Cui, Su, Zhu, "Noise Contrastive Alignment of Language Models with Explicit Rewards",
-NeurIPS 2024 (arXiv 2402.05369). The math is restated in `docs/nca-math.md` of the project.
+NeurIPS 2024 (arXiv 2402.05369). The math, its special cases and the tie rule are written out in `docs/math.md`.
 
 Glossary, for one prompt x with K responses y_1..y_K:
 
@@ -9,18 +9,36 @@ Glossary, for one prompt x with K responses y_1..y_K:
     r_k        = beta * logratio_k                                (the model's implicit reward)
     p_k        = softmax(R / alpha)_k                             (soft label from the data rewards R)
 
-Every function takes `(B, K)` tensors (B prompts, K response slots) and an optional `(B, K)` boolean `mask`
-(True = a real response). Rows may have different numbers of real responses K_i; padded slots contribute exactly
-zero loss and zero gradient.
+Arguments of both losses (`nca_loss`, `infonca_loss`):
+
+    policy_logps        `(B, K)` log pi_theta(y_k | x), summed over response tokens (B prompts, K response slots)
+    ref_logps           `(B, K)` log pi_ref(y_k | x)
+    rewards             `(B, K)` data rewards R (no gradient flows into them)
+    mask                `(B, K)` bool, True for a real response; `None` means all are real
+    beta                beta > 0 of r = beta * logratio
+    reward_temperature  alpha >= 0 of the soft labels p = softmax(R / alpha); 0 = one-hot on the best
+    ordered             `(B,)` bool, rows whose responses are listed best first (preference pairs, ranked lists
+                        and columns): there, among equal rewards, the response listed first takes the label mass
+
+Rows may have different numbers of real responses K_i; padded slots contribute exactly zero loss and zero gradient.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 
-def _check_inputs(policy_logps, ref_logps, rewards, mask) -> torch.Tensor:
+def _check_coefficient(name: str, value: float, *, allow_zero: bool) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_shapes(policy_logps, ref_logps, rewards, mask) -> torch.Tensor:
     if policy_logps.dim() != 2:
         raise ValueError(f"policy_logps must have shape (B, K), got {tuple(policy_logps.shape)}")
     for name, tensor in (("ref_logps", ref_logps), ("rewards", rewards)):
@@ -37,27 +55,59 @@ def _check_inputs(policy_logps, ref_logps, rewards, mask) -> torch.Tensor:
     return mask
 
 
-def soft_labels(rewards: torch.Tensor, mask: torch.Tensor | None = None, *, reward_temperature: float) -> torch.Tensor:
+def _prologue(policy_logps, ref_logps, rewards, mask, ordered, beta, reward_temperature):
+    """What both losses start from: the checked mask, the soft labels p and the model rewards r."""
+    _check_coefficient("beta", beta, allow_zero=False)
+    mask = _check_shapes(policy_logps, ref_logps, rewards, mask)
+    labels = soft_labels(rewards, mask, reward_temperature=reward_temperature, ordered=ordered)
+    return mask, labels, beta * (policy_logps - ref_logps)
+
+
+def first_of_ties(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`(B, K)` bool: True where no earlier real response of the row has the same reward (the first of each tie)."""
+    same = rewards.unsqueeze(-1) == rewards.unsqueeze(-2)  # [b, k, j]: R_k == R_j
+    earlier = torch.ones(same.shape[-2:], dtype=torch.bool, device=rewards.device).tril(-1)  # j < k
+    return mask & ~(same & earlier & mask.unsqueeze(-2)).any(-1)
+
+
+def soft_labels(
+    rewards: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    reward_temperature: float,
+    ordered: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Target distribution over each prompt's responses: `p = softmax(R / alpha)` over the real responses.
 
     Args:
         rewards: `(B, K)` data rewards R.
         mask: `(B, K)` bool, True for a real response; padded slots get probability exactly 0.
-        reward_temperature: alpha >= 0. `0` puts all the mass on the highest reward, shared equally among ties.
+        reward_temperature: alpha >= 0. `0` puts all the mass on the highest reward.
+        ordered: `(B,)` bool, rows whose responses are listed best first. Tied responses share their mass equally,
+            except in ordered rows, where the first listed of each tie takes the mass of the whole tie (DPO trusts
+            which response a pair calls chosen, whatever its scores say).
 
     Returns:
         `(B, K)` probabilities that sum to 1 over each row's real responses.
     """
-    if reward_temperature < 0:
-        raise ValueError(f"reward_temperature must be >= 0, got {reward_temperature}")
+    _check_coefficient("reward_temperature", reward_temperature, allow_zero=True)
     mask = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask
-    rewards = rewards.detach()
+    # float64, so that R / alpha cannot overflow for a small alpha (an inf logit would make the softmax NaN)
+    dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
+    rewards = rewards.detach().double()
     if reward_temperature == 0:
         masked = rewards.masked_fill(~mask, float("-inf"))
-        best = (masked == masked.max(dim=-1, keepdim=True).values) & mask
-        return best.to(rewards.dtype) / best.sum(dim=-1, keepdim=True).clamp(min=1)
-    logits = (rewards / reward_temperature).masked_fill(~mask, float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no real response gives 0, not NaN
+        labels = ((masked == masked.max(dim=-1, keepdim=True).values) & mask).to(rewards.dtype)
+    else:
+        logits = (rewards / reward_temperature).masked_fill(~mask, float("-inf"))
+        labels = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with no real response gives 0, not NaN
+    if ordered is not None and bool(ordered.any()):
+        # Each tie's total mass, moved onto its first listed member
+        same = (rewards.unsqueeze(-1) == rewards.unsqueeze(-2)) & mask.unsqueeze(-2)
+        tie_mass = (same.to(labels.dtype) * labels.unsqueeze(-2)).sum(-1)
+        first = first_of_ties(rewards, mask)
+        labels = torch.where(ordered.unsqueeze(-1), torch.where(first, tie_mass, 0.0), labels)
+    return (labels / labels.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(labels.dtype).tiny)).to(dtype)
 
 
 def infonca_loss(
@@ -68,6 +118,7 @@ def infonca_loss(
     *,
     beta: float,
     reward_temperature: float,
+    ordered: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCA: a K-way classification of which response is the "data" sample.
 
@@ -76,23 +127,22 @@ def infonca_loss(
     With K = 2 and one-hot labels on the chosen response this is DPO's loss, -log sigmoid(r_w - r_l).
     At initialisation (all r_k = 0) it equals log K_i for any labels.
 
-    Args:
-        policy_logps: `(B, K)` log pi_theta(y_k | x), summed over response tokens.
-        ref_logps: `(B, K)` log pi_ref(y_k | x).
-        rewards: `(B, K)` data rewards R (no gradient flows into them).
-        mask: `(B, K)` bool, True for a real response. `None` means all are real.
-        beta: the KL coefficient beta of r = beta * logratio.
-        reward_temperature: alpha of the soft labels p = softmax(R / alpha); 0 = one-hot on the best.
-
-    Returns:
-        `(B,)` per-prompt losses.
+    Arguments as in the module docstring; returns the `(B,)` per-prompt losses.
     """
-    mask = _check_inputs(policy_logps, ref_logps, rewards, mask)
-    labels = soft_labels(rewards, mask, reward_temperature=reward_temperature)
-    model_rewards = beta * (policy_logps - ref_logps)
+    mask, labels, model_rewards = _prologue(policy_logps, ref_logps, rewards, mask, ordered, beta, reward_temperature)
     log_q = torch.log_softmax(model_rewards.masked_fill(~mask, float("-inf")), dim=-1)
     # Padded slots hold log_q = -inf with p = 0; zero them before the product to avoid 0 * inf = NaN
     return -(labels * log_q.masked_fill(~mask, 0.0)).sum(dim=-1)
+
+
+def nca_terms(model_rewards: torch.Tensor, labels: torch.Tensor, num_responses: torch.Tensor) -> torch.Tensor:
+    """NCA's per-response terms, elementwise: `-(p_k log sigmoid(r_k) + log sigmoid(-r_k) / K_i)`.
+
+    A prompt's NCA loss is the sum of its responses' terms, so once the labels are known the responses may be
+    processed in any grouping (the online trainer computes p_k when it scores a group and the terms per micro-batch).
+    All three arguments broadcast against each other; `num_responses` is K_i of each response's prompt.
+    """
+    return -(labels * F.logsigmoid(model_rewards) + F.logsigmoid(-model_rewards) / num_responses)
 
 
 def nca_loss(
@@ -103,6 +153,7 @@ def nca_loss(
     *,
     beta: float,
     reward_temperature: float,
+    ordered: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """NCA: K independent binary classifications, each response against the noise distribution.
 
@@ -111,21 +162,11 @@ def nca_loss(
     K_i is the number of real responses of the prompt. With K = 2 and one-hot labels on the chosen response this is
     TRL's `nca_pair` loss; at initialisation (all r_k = 0) it equals 2 log 2 for any labels and any K_i.
 
-    Args:
-        policy_logps: `(B, K)` log pi_theta(y_k | x), summed over response tokens.
-        ref_logps: `(B, K)` log pi_ref(y_k | x).
-        rewards: `(B, K)` data rewards R (no gradient flows into them).
-        mask: `(B, K)` bool, True for a real response. `None` means all are real.
-        beta: the KL coefficient beta of r = beta * logratio.
-        reward_temperature: alpha of the soft labels p = softmax(R / alpha); 0 = one-hot on the best.
-
-    Returns:
-        `(B,)` per-prompt losses.
+    Arguments as in the module docstring; returns the `(B,)` per-prompt losses.
     """
-    mask = _check_inputs(policy_logps, ref_logps, rewards, mask)
-    labels = soft_labels(rewards, mask, reward_temperature=reward_temperature)
+    mask, labels, model_rewards = _prologue(policy_logps, ref_logps, rewards, mask, ordered, beta, reward_temperature)
     # Padded slots are set to 0 before the nonlinearity so that NaN or inf padding cannot leak into the gradient
-    model_rewards = (beta * (policy_logps - ref_logps)).masked_fill(~mask, 0.0)
+    model_rewards = model_rewards.masked_fill(~mask, 0.0)
     num_responses = mask.sum(dim=-1, keepdim=True).clamp(min=1).to(model_rewards.dtype)
-    per_response = labels * F.logsigmoid(model_rewards) + F.logsigmoid(-model_rewards) / num_responses
-    return -torch.where(mask, per_response, torch.zeros_like(per_response)).sum(dim=-1)
+    terms = nca_terms(model_rewards, labels, num_responses)
+    return torch.where(mask, terms, torch.zeros_like(terms)).sum(dim=-1)

@@ -1,8 +1,10 @@
-"""Per-prompt training metrics from `(B, K)` log-probabilities and data rewards (pure functions, no trainer state)."""
+"""Training metrics from `(B, K)` log-probabilities and data rewards, and per-token sums (pure functions)."""
 
 from __future__ import annotations
 
 import torch
+
+from .losses import first_of_ties
 
 
 def _average_ranks(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -25,6 +27,15 @@ def spearman(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return torch.where(denominator > 0, correlation, torch.nan).float()
 
 
+def best_and_worst(rewards: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(B, 1)` indices of each row's best response (the first listed among the highest rewards) and worst response
+    (the last listed among the lowest). They differ whenever a row has two responses or more, ties included."""
+    data = rewards.float()
+    best = data.masked_fill(~mask, float("-inf")).argmax(-1, keepdim=True)  # argmax returns the first maximum
+    flipped = data.masked_fill(~mask, float("inf")).flip(-1).argmin(-1, keepdim=True)
+    return best, data.size(-1) - 1 - flipped
+
+
 def k_response_metrics(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
@@ -32,14 +43,16 @@ def k_response_metrics(
     mask: torch.Tensor,
     *,
     beta: float,
+    ordered: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-prompt metrics, each a `(B,)` tensor (NaN where a prompt has no defined value).
 
-    "best" and "worst" are the responses with the highest and lowest data reward (the first one among ties).
+    "best" and "worst" are given by `best_and_worst`. In `ordered` rows (listed best first), ties are broken by the
+    listed order, as the loss's labels are.
 
-    - `rewards/accuracies`: 1 when the model reward beta*logratio of a best-reward response is strictly above that
-      of every response with a lower data reward (NaN when all data rewards tie). For K = 2 this is DPO's
-      `chosen > rejected`.
+    - `rewards/accuracies`: 1 when the model reward beta*logratio of a best response is strictly above that of every
+      response ranked lower (NaN when nothing ranks lower: all data rewards tie in a row without order). For K = 2
+      this is DPO's `chosen > rejected`.
     - `rewards/margins`: model reward of the best minus the mean over the others.
     - `rewards/best`, `rewards/worst`, `logps/best`, `logps/worst`: model reward and policy log-likelihood of the
       best and worst response (the paper's likelihood trend).
@@ -49,11 +62,13 @@ def k_response_metrics(
     """
     with torch.no_grad():
         model_rewards = beta * (policy_logps - ref_logps).float()
+        policy = policy_logps.detach().float()
         data = rewards.float()
-        best = data.masked_fill(~mask, float("-inf")).argmax(-1, keepdim=True)
-        worst = data.masked_fill(~mask, float("inf")).argmin(-1, keepdim=True)
+        best, worst = best_and_worst(data, mask)
 
         top = mask & (data == data.gather(-1, best))
+        if ordered is not None:  # the order breaks ties: only the first listed of the top rewards ranks first
+            top = torch.where(ordered.unsqueeze(-1), top & first_of_ties(data, mask), top)
         lower = mask & ~top
         top_model = model_rewards.masked_fill(~top, float("-inf")).amax(-1)
         lower_model = model_rewards.masked_fill(~lower, float("-inf")).amax(-1)
@@ -63,8 +78,8 @@ def k_response_metrics(
         others = mask.clone()
         others.scatter_(-1, best, False)
         mean_others = (model_rewards * others).sum(-1) / others.sum(-1).clamp(min=1)
-
-        mean_others_logps = (policy_logps.detach().float() * others).sum(-1) / others.sum(-1).clamp(min=1)
+        mean_others_logps = (policy * others).sum(-1) / others.sum(-1).clamp(min=1)
+        best_logps = policy.gather(-1, best).squeeze(-1)
         # DPO's keys, for dashboards built on DPOTrainer: defined only for prompts with exactly two responses
         pair = mask.sum(-1) == 2
 
@@ -73,11 +88,41 @@ def k_response_metrics(
             "rewards/margins": best_reward - mean_others,
             "rewards/best": best_reward,
             "rewards/worst": model_rewards.gather(-1, worst).squeeze(-1),
-            "logps/best": policy_logps.detach().float().gather(-1, best).squeeze(-1),
-            "logps/worst": policy_logps.detach().float().gather(-1, worst).squeeze(-1),
+            "logps/best": best_logps,
+            "logps/worst": policy.gather(-1, worst).squeeze(-1),
             "rewards/spearman": spearman(model_rewards, data, mask),
             "rewards/chosen": torch.where(pair, best_reward, torch.nan),
             "rewards/rejected": torch.where(pair, mean_others, torch.nan),
-            "logps/chosen": torch.where(pair, policy_logps.detach().float().gather(-1, best).squeeze(-1), torch.nan),
+            "logps/chosen": torch.where(pair, best_logps, torch.nan),
             "logps/rejected": torch.where(pair, mean_others_logps, torch.nan),
         }
+
+
+def token_metric_sums(
+    entropy: torch.Tensor,
+    is_top1: torch.Tensor,
+    response_ids: torch.Tensor,
+    rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """`(4,)` sums over a batch's next-token positions, to be gathered across processes before dividing:
+    entropy over all response tokens, their count, tokens of best responses whose label is the model's top-1, and the
+    count of best-response tokens. `entropy` and `is_top1` are the fused LM head's `(S, L-1)` outputs (right-aligned
+    with the sequence), `response_ids` the layout's `(S, L)` token -> response map."""
+    owner = response_ids[:, 1:]  # the response each next-token label belongs to
+    scored = owner >= 0
+    entropy = entropy[:, -owner.size(1) :].detach()
+    is_top1 = is_top1[:, -owner.size(1) :]
+    # Flat index (row-major over `response_mask`) of each row's best response
+    flat_index = torch.full(response_mask.shape, -1, device=response_mask.device, dtype=torch.long)
+    flat_index[response_mask] = torch.arange(int(response_mask.sum()), device=response_mask.device)
+    best, _ = best_and_worst(rewards, response_mask)
+    best_tokens = torch.isin(owner, flat_index.gather(-1, best).squeeze(-1)) & scored
+    return torch.stack(
+        [
+            (entropy * scored).sum(),
+            scored.sum().to(entropy.dtype),
+            (is_top1 & best_tokens).sum().to(entropy.dtype),
+            best_tokens.sum().to(entropy.dtype),
+        ]
+    )

@@ -3,15 +3,20 @@
 The prompt/completion boundary follows `DPOTrainer._prepare_dataset`: each response is tokenized together with the
 prompt, and the response starts where that sequence and the tokenized prompt diverge (see TRL's
 `common_prefix_length`), so chat templates that render the prompt differently alone still split correctly.
+`prepare_k_response_dataset` is the whole dataset step of the trainers: convert, tokenize, drop the rows that
+`max_length` leaves without a response token (logged with their count).
 """
 
 from __future__ import annotations
 
 import json
 
+from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 from trl.data_utils import common_prefix_length
+
+from .data import convert_to_k_responses
 
 logger = logging.get_logger(__name__)
 
@@ -55,3 +60,56 @@ def tokenize_k_responses(example: dict, tokenizer: PreTrainedTokenizerBase) -> d
             f"diverge; this end of the prompt is left out of training: {tokenizer.decode(prompt_ids[prompt_len:])!r}"
         )
     return {"prompt_ids": prompt_ids[:prompt_len], "completion_ids": [ids[prompt_len:] for ids in full_ids]}
+
+
+def prepare_k_response_dataset(
+    dataset: Dataset | IterableDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    name: str,
+    ultrafeedback_reward: str = "overall_score",
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    num_proc: int | None = None,
+) -> Dataset | IterableDataset:
+    """Rows of any accepted layout -> `prompt_ids`, `completion_ids`, `rewards` (and `ordered`).
+
+    With `keep_start` truncation, a row whose prompt alone has `max_length` tokens or more would keep no response
+    token: such rows are dropped and counted in one warning. A dataset left without rows raises a `ValueError` that
+    says why, before any training step.
+    """
+    map_kwargs = {"num_proc": num_proc} if isinstance(dataset, Dataset) else {}
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"The {name} dataset is empty: there is nothing to train on.")
+    dataset = convert_to_k_responses(dataset, ultrafeedback_reward=ultrafeedback_reward, num_proc=num_proc)
+    if isinstance(dataset, Dataset):
+        map_kwargs["desc"] = f"Tokenizing {name} dataset"
+    dataset = dataset.map(tokenize_k_responses, fn_kwargs={"tokenizer": tokenizer}, **map_kwargs)
+    if max_length is None or truncation_mode != "keep_start":
+        return dataset
+
+    def keeps_a_response_token(row):
+        return len(row["prompt_ids"]) < max_length
+
+    if not isinstance(dataset, Dataset):
+        logger.warning(
+            f"Rows of the {name} dataset whose prompt has max_length={max_length} tokens or more are dropped as they "
+            "stream: they would keep no response token."
+        )
+        return dataset.filter(keeps_a_response_token)
+    tokenized, before = dataset, len(dataset)
+    map_kwargs["desc"] = f"Dropping {name} rows whose prompt fills max_length"
+    dataset = dataset.filter(keeps_a_response_token, **map_kwargs)
+    if len(dataset) == 0:
+        shortest = min(len(ids) for ids in tokenized["prompt_ids"])
+        raise ValueError(
+            f"max_length={max_length} leaves the {name} dataset empty: each of its {before} rows has a prompt of "
+            f"{max_length} tokens or more (the shortest has {shortest}), so no response token would remain. Raise "
+            f"max_length above {shortest}."
+        )
+    if len(dataset) < before:
+        logger.warning(
+            f"Dropped {before - len(dataset)} of {before} rows of the {name} dataset: their prompt alone has "
+            f"max_length={max_length} tokens or more, so no response token would remain."
+        )
+    return dataset

@@ -20,7 +20,10 @@ def load_log_history(output_dir: str | Path) -> list[dict]:
 
 def plot_log_history(history: list[dict], path: str | Path, title: str = "") -> Path:
     """Two panels over the training steps: policy log-likelihood of the best and worst response, reward accuracy."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("Plotting needs matplotlib: pip install 'trl-nca[plot]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .arithmetic import extract_answer, make_problems
+from .arithmetic import extract_answer, heldout_problems, make_problems
 
 
 @dataclass
@@ -44,10 +44,6 @@ class DemoSettings:
         return cls(**{"train_prompts": 24, "heldout_prompts": 24, "epochs": 1, "trend_rows": 8, **overrides})
 
 
-# Held-out questions come from this offset of the training seed, so the two sets differ
-HELDOUT_SEED_OFFSET = 1_000_003
-
-
 def load_model(model_dir: str):
     """`(model, tokenizer)`: SmolLM2 from its materialised folder (made on first use), float32, on the GPU if any."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,14 +55,15 @@ def load_model(model_dir: str):
     return (model.cuda() if torch.cuda.is_available() else model), AutoTokenizer.from_pretrained(folder)
 
 
-def heldout_accuracy(model, tokenizer, problems, settings: DemoSettings) -> tuple[float, list[str]]:
-    from .generate import generate
+def heldout_accuracy(model, tokenizer, problems, max_new_tokens: int = 40) -> tuple[float, list[str]]:
+    """Greedy accuracy on `problems` (the last integer of each answer against the right one), and the answers."""
+    from ..generation import generate
 
     answers = generate(
         model,
         tokenizer,
         [p["prompt"] for p in problems],
-        max_new_tokens=settings.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         batch_size=16,
         desc="Greedy answers on held-out questions",
     )
@@ -78,10 +75,11 @@ def heldout_accuracy(model, tokenizer, problems, settings: DemoSettings) -> tupl
 def run_demo(settings: DemoSettings) -> dict:
     from peft import LoraConfig
 
-    from .config import NCAConfig
-    from .generate import build_reward_dataset
-    from .plot import plot_log_history
-    from .trainer import NCATrainer
+    from ..config import NCAConfig
+    from ..generation import build_reward_dataset
+    from ..scripts.plot import plot_log_history
+    from ..trainer import NCATrainer
+    from .arithmetic import arithmetic_reward
 
     start = time.time()
     out = Path(settings.output_dir)
@@ -90,15 +88,15 @@ def run_demo(settings: DemoSettings) -> dict:
     model, tokenizer = load_model(settings.model_dir)
 
     train_problems = make_problems(settings.train_prompts, seed=settings.seed)
-    heldout = make_problems(settings.heldout_prompts, seed=settings.seed + HELDOUT_SEED_OFFSET)
-    before, _ = heldout_accuracy(model, tokenizer, heldout, settings)
+    heldout = heldout_problems(settings.heldout_prompts, seed=settings.seed)
+    before, _ = heldout_accuracy(model, tokenizer, heldout, settings.max_new_tokens)
     print(f"Held-out accuracy before training: {before:.3f}")
 
     dataset, stats = build_reward_dataset(
         model,
         tokenizer,
         train_problems,
-        "arithmetic",
+        arithmetic_reward,
         k=settings.k,
         temperature=settings.temperature,
         max_new_tokens=settings.max_new_tokens,
@@ -157,7 +155,7 @@ def run_demo(settings: DemoSettings) -> dict:
     trainer.save_model(str(out))
     trainer.state.save_to_json(str(out / "trainer_state.json"))
 
-    after, after_texts = heldout_accuracy(trainer.model, tokenizer, heldout, settings)
+    after, after_texts = heldout_accuracy(trainer.model, tokenizer, heldout, settings.max_new_tokens)
     plot_log_history(
         trainer.state.log_history, out / "plot.png", title=f"NCA on SmolLM2-135M-Instruct, arithmetic, K={settings.k}"
     )

@@ -6,7 +6,7 @@ accelerate launch --config_file recipes/accelerate/multi_gpu.yaml -m trl_nca inf
 ```
 
 ```python
-from trl_nca.train import main, make_parser
+from trl_nca.scripts.train import main, make_parser
 script_args, training_args, model_args, dataset_args = make_parser().parse_args_and_config(["--config", "r.yaml"])
 trainer = main(script_args, training_args, model_args, dataset_args, algorithm="nca")
 ```
@@ -19,9 +19,9 @@ import math
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, get_dataset
 from trl.trainer.utils import get_peft_config, get_quantization_config
 
-from .config import NCAConfig
-from .io import load_any_dataset
-from .trainer import InfoNCATrainer, NCATrainer
+from ..config import NCAConfig
+from ..trainer import InfoNCATrainer, NCATrainer
+from .utils import load_any_dataset
 
 TRAINERS = {"nca": NCATrainer, "infonca": InfoNCATrainer}
 DATACLASSES = (ScriptArguments, NCAConfig, ModelConfig, DatasetMixtureConfig)

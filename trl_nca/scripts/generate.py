@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+# The demo task's reward, the default of `--task arithmetic`
+ARITHMETIC_REWARD = "trl_nca.demo.arithmetic:arithmetic_reward"
+
 
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="trl-nca generate", description=__doc__)
@@ -16,8 +19,8 @@ def cli(argv: list[str]) -> int:
         "--reward",
         action="append",
         default=None,
-        help="'arithmetic', 'module:function' (TRL GRPO signature), or a reward model folder; "
-        "repeat to sum several (default: arithmetic)",
+        help="'module:function' (TRL GRPO signature) or a reward model folder; repeat to sum several (default with "
+        f"--task arithmetic: {ARITHMETIC_REWARD})",
     )
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -30,14 +33,16 @@ def cli(argv: list[str]) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .generate import build_reward_dataset
+    if args.prompts and not args.reward:
+        parser.error("--prompts needs --reward (a 'module:function' or a reward model folder)")
+    from ..generation import build_reward_dataset
 
     if args.task:
-        from .arithmetic import make_problems
+        from ..demo.arithmetic import make_problems
 
         prompts = make_problems(args.num_prompts, seed=args.seed)
     else:
-        from .io import first_split, load_any_dataset
+        from .utils import first_split, load_any_dataset
 
         prompts = first_split(load_any_dataset(args.prompts))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -48,7 +53,7 @@ def cli(argv: list[str]) -> int:
         model,
         tokenizer,
         prompts,
-        args.reward or ["arithmetic"],
+        args.reward or [ARITHMETIC_REWARD],
         k=args.k,
         temperature=args.temperature,
         top_p=args.top_p,

@@ -9,7 +9,9 @@ shifted labels of TRL's fused LM head score each response's first token from the
 Position ids restart at that position for every response. The attention mask lets each response see the prompt and,
 causally, its own tokens, never another response. Rows are one per sequence by default: dense-mask backends (`sdpa`,
 `eager`) pay for every masked score, so packing rows into one sequence makes attention quadratic in the packed length
-(measured slower than padding in docs/perf-notes). `pack_rows=True` puts all rows into one sequence, block-diagonal.
+(measured slower than padding, see `docs/layouts.md`). `pack_rows=True` puts all rows into one sequence,
+block-diagonal: an option for users who build their own batches with a kernel that skips masked blocks; the trainers
+keep one row per sequence.
 
 Compared with the padded layout, a row costs `len(prompt) + sum(len(r_k) + 1) - 1` tokens instead of
 `K * (len(prompt) + max_k len(r_k))`.
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 from transformers.data.data_collator import DataCollatorMixin
 
-from .collator import per_response_values
+from .padded import per_response_values
 
 # Attention implementations checked against separate forwards in the tests: `sdpa` and `eager` take a dense 4D mask
 # (`eager` adds it to the scores, so it gets the additive form, see `attention_mask_for`); `flex_attention` takes a
@@ -70,15 +72,8 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
         if not prompt:
             raise ValueError("The shared-prompt layout needs at least one prompt token per row")
         shared = len(prompt) - 1
-        tokens, positions, segments, completion, response = (
-            list(prompt[:-1]),
-            list(range(shared)),
-            [0] * shared,
-            [],
-            [],
-        )
-        completion = [0] * shared
-        response = [-1] * shared
+        tokens, positions, segments = list(prompt[:-1]), list(range(shared)), [0] * shared
+        completion, response = [0] * shared, [-1] * shared
         budget = None if self.max_length is None else max(self.max_length - len(prompt), 0)
         for k, answer in enumerate(example["completion_ids"]):
             answer = answer[:budget]

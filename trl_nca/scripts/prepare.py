@@ -11,14 +11,8 @@ from collections import Counter
 
 from datasets import Dataset, DatasetDict
 
-from .data import ULTRAFEEDBACK_REWARDS, _mean_rating, _reward, detect_layout, to_k_responses
-from .io import load_any_dataset
-
-
-def _score(completion: dict, field: str) -> float:
-    if field == "mean_rating":
-        return _mean_rating(completion.get("annotations"), None, "annotations")
-    return _reward(completion.get(field), None, field)
+from ..data import ULTRAFEEDBACK_REWARDS, detect_layout, to_k_responses, ultrafeedback_score
+from .utils import load_any_dataset
 
 
 def prepare_rows(rows, *, score: str = "overall_score", min_k: int = 2) -> tuple[list[dict], Counter]:
@@ -32,7 +26,7 @@ def prepare_rows(rows, *, score: str = "overall_score", min_k: int = 2) -> tuple
             usable = []
             for completion in row["completions"] or []:
                 try:
-                    _score(completion, score)
+                    ultrafeedback_score(completion, score, None, "completion")
                     usable.append(completion)
                 except ValueError:
                     drops["completions with a missing or non-numeric score"] += 1
@@ -105,7 +99,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--split", default="train", help="source split to read (default train)")
     args = parser.parse_args(argv)
     if args.kind == "smollm2":
-        from .smollm2 import materialize_smollm2
+        from ..demo.smollm2 import materialize_smollm2
 
         print(f"SmolLM2-135M-Instruct saved as a model folder: {materialize_smollm2(args.output_dir)}")
         return 0

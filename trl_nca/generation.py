@@ -1,22 +1,20 @@
-"""Reward datasets from a model's own samples: K responses per prompt, scored by a reward function.
+"""Reward datasets from a model's own samples: K responses per prompt, scored by reward functions.
 
-Reward functions use the signature of TRL's GRPO reward functions: `fn(prompts, completions, **columns)` returns a
-list of floats, where `columns` are the dataset's other columns. A sequence-classification reward model given by
-path works too (its first logit is the reward).
+One round of what the online trainers do every step: sample K responses per prompt, score them with reward functions
+(resolved and checked by `trl_nca.rewards`), and keep the scored rows as canonical K-response rows for the offline
+trainers.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-RewardFunc = Callable[..., list[float]]
+from .rewards import RewardFunc, resolve_reward, score_completions
 
 
 def _encode(tokenizer, prompts: Sequence) -> dict:
@@ -66,46 +64,6 @@ def generate(
     return answers
 
 
-def reward_model_function(path: str, batch_size: int = 16) -> RewardFunc:
-    """A reward function from a sequence-classification model folder: its first logit for prompt + completion."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-
-    @torch.no_grad()
-    def score(prompts, completions, **kwargs):
-        texts = []
-        for prompt, completion in zip(prompts, completions, strict=True):
-            if isinstance(prompt, list):
-                texts.append(tokenizer.apply_chat_template(prompt + completion, tokenize=False))
-            else:
-                texts.append(prompt + completion)
-        scores = []
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True)
-            scores.extend(model(**batch).logits[:, 0].float().tolist())
-        return scores
-
-    return score
-
-
-def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
-    """A reward function from a callable, `"arithmetic"`, `"module:function"`, or a reward model folder."""
-    if callable(spec):
-        return spec
-    if spec == "arithmetic":
-        from .arithmetic import arithmetic_reward
-
-        return arithmetic_reward
-    if Path(spec).is_dir():
-        return reward_model_function(spec)
-    if ":" in spec:
-        module, name = spec.split(":", 1)
-        return getattr(importlib.import_module(module), name)
-    raise ValueError(f"Unknown reward {spec!r}: use 'arithmetic', 'module:function', or a reward model folder")
-
-
 def build_reward_dataset(
     model,
     tokenizer,
@@ -121,12 +79,15 @@ def build_reward_dataset(
 ) -> tuple[Dataset, dict]:
     """Sample `k` responses per prompt, score them, and return canonical rows (`prompt`, `completions`, `rewards`,
     plus the prompts' other columns) and stats: `prompts`, `k`, `all_equal` (prompts whose rewards are all equal,
-    which carry no learning signal), `mean_reward`."""
+    which carry no learning signal), `mean_reward`. A reward function that fails or returns a wrong count, a
+    non-number or a non-finite value raises a `RewardError` naming it and the prompt; nothing is returned then."""
     if k < 2:
         raise ValueError(f"k must be at least 2 (NCA contrasts responses), got {k}")
     rows = list(prompts)
-    if not rows or "prompt" not in rows[0]:
-        raise ValueError("The prompts need a 'prompt' column")
+    if not rows:
+        raise ValueError("There are no prompts to sample from")
+    if "prompt" not in rows[0]:
+        raise ValueError(f"The prompts need a 'prompt' column; they have {sorted(rows[0])}")
     funcs = [resolve_reward(f) for f in (reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])]
     set_seed(seed)
     texts = generate(
@@ -145,10 +106,7 @@ def build_reward_dataset(
     flat_prompts = [row["prompt"] for row in rows for _ in range(k)]
     flat_completions = [[{"role": "assistant", "content": t}] if conversational else t for ts in texts for t in ts]
     columns = {key: [row[key] for row in rows for _ in range(k)] for key in rows[0] if key != "prompt"}
-    totals = [0.0] * len(flat_completions)
-    for func in funcs:
-        scores = func(prompts=flat_prompts, completions=flat_completions, **columns)
-        totals = [t + float(s) for t, s in zip(totals, scores, strict=True)]
+    totals = score_completions(funcs, flat_prompts, flat_completions, group_size=k, **columns)
 
     out = []
     for i, row in enumerate(rows):

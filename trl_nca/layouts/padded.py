@@ -1,4 +1,4 @@
-"""Batches of K-response rows -> one padded tensor of sum(K_i) sequences, and where each one belongs."""
+"""The padded layout: a batch of K-response rows -> one padded tensor of sum(K_i) prompt+response sequences."""
 
 from __future__ import annotations
 
@@ -92,8 +92,9 @@ class DataCollatorForKResponses(DataCollatorMixin):
 
 
 def per_response_values(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """The `(B, K)` tensors of a batch: `response_mask` (True = a real response), `rewards`, and `ref_logps` when the
-    rows carry precomputed reference log-probabilities. Padded slots hold 0."""
+    """The per-row tensors of a batch, shared by every layout: `(B, K)` `response_mask` (True = a real response),
+    `rewards`, and `ref_logps` when the rows carry precomputed reference log-probabilities (padded slots hold 0); and
+    `(B,)` `ordered` (True for rows whose responses are listed best first, see `trl_nca.losses.soft_labels`)."""
     num_responses = torch.tensor([len(example["completion_ids"]) for example in examples])
     response_mask = torch.arange(int(num_responses.max()))[None, :] < num_responses[:, None]
 
@@ -102,7 +103,11 @@ def per_response_values(examples: list[dict[str, Any]]) -> dict[str, torch.Tenso
         out[response_mask] = torch.tensor([v for example in examples for v in example[key]], dtype=torch.float32)
         return out
 
-    batch = {"response_mask": response_mask, "rewards": values("rewards")}
+    batch = {
+        "response_mask": response_mask,
+        "rewards": values("rewards"),
+        "ordered": torch.tensor([bool(example.get("ordered", False)) for example in examples]),
+    }
     if "ref_logps" in examples[0]:
         batch["ref_logps"] = values("ref_logps")
     return batch

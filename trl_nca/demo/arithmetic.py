@@ -1,7 +1,7 @@
-"""The built-in task: small arithmetic questions made from a seed, with a verifiable answer and a reward function.
+"""The demo's task: small arithmetic questions made from a seed, with a verifiable answer and a reward function.
 
-The reward function has the signature of TRL's GRPO reward functions, so it plugs into `build_reward_dataset` and
-into TRL's own trainers alike.
+The reward function has the signature of TRL's GRPO reward functions, so it plugs into `build_reward_dataset`, the
+online trainers and TRL's own trainers alike.
 """
 
 from __future__ import annotations
@@ -36,6 +36,15 @@ def make_problems(n: int, seed: int) -> list[dict]:
             {"prompt": [{"role": "user", "content": QUESTION.format(expression=expression)}], "answer": answer}
         )
     return problems
+
+
+# Held-out questions come from this offset of the training seed, so that the two sets differ
+HELDOUT_SEED_OFFSET = 1_000_003
+
+
+def heldout_problems(n: int, seed: int) -> list[dict]:
+    """`n` held-out questions for the training seed `seed` (made from another seed, so they differ from training)."""
+    return make_problems(n, seed=seed + HELDOUT_SEED_OFFSET)
 
 
 def _text(completion) -> str:

