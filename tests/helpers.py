@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
 from datasets import Dataset
-from trl import DPOConfig
+from trl import DPOConfig, DPOTrainer
 
 from trl_nca import NCAConfig
 
@@ -58,14 +60,18 @@ ANSWERS = [
 ]
 
 
-def pairwise_dataset(conversational: bool = True) -> Dataset:
+def pairwise_dataset(conversational: bool = True, tied_scores: bool = False) -> Dataset:
+    """DPO pairs; `tied_scores` gives every row `score_chosen == score_rejected`, as some binarized rows have."""
     rows = []
     for i, question in enumerate(QUESTIONS):
         chosen, rejected = ANSWERS[i], ANSWERS[-1 - i]
         if conversational:
-            rows.append({"prompt": user(question), "chosen": assistant(chosen), "rejected": assistant(rejected)})
+            row = {"prompt": user(question), "chosen": assistant(chosen), "rejected": assistant(rejected)}
         else:
-            rows.append({"prompt": question + " ", "chosen": chosen, "rejected": rejected})
+            row = {"prompt": question + " ", "chosen": chosen, "rejected": rejected}
+        if tied_scores:
+            row.update(score_chosen=5.0 + i, score_rejected=5.0 + i)
+        rows.append(row)
     return Dataset.from_list(rows)
 
 
@@ -82,3 +88,28 @@ def k_response_dataset(counts=(4, 2, 3, 4, 3, 2, 4, 4)) -> Dataset:
             }
         )
     return Dataset.from_list(rows)
+
+
+def dpo_and_ours(ours_cls, loss_type, data, tokenizer, model, other_model, tmp_path, **overrides):
+    """DPOTrainer and one of ours on the same data, each with its own copy of the same policy and reference."""
+
+    def build(cls, args):
+        return cls(
+            model=copy.deepcopy(model),
+            ref_model=copy.deepcopy(other_model),
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
+
+    return build(DPOTrainer, dpo_args(tmp_path, loss_type=loss_type)), build(ours_cls, nca_args(tmp_path, **overrides))
+
+
+def first_batch_loss_and_grads(trainer):
+    """The loss of one batch of all training rows, and the gradient of every parameter."""
+    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batch = trainer._prepare_inputs(trainer.data_collator(rows))
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}

@@ -7,46 +7,22 @@ import copy
 
 import pytest
 import torch
-from helpers import dpo_args, nca_args, pairwise_dataset
-from trl import DPOTrainer
+from helpers import dpo_and_ours, dpo_args, first_batch_loss_and_grads, pairwise_dataset
 
 from trl_nca import InfoNCATrainer, NCATrainer
 
 CASES = [(InfoNCATrainer, "sigmoid"), (NCATrainer, "nca_pair")]
 
 
-def dpo_and_ours(ours_cls, loss_type, data, tokenizer, model, other_model, tmp_path, **overrides):
-    """DPOTrainer and one of ours on the same data, each with its own copy of the same policy and reference."""
-
-    def build(cls, args):
-        return cls(
-            model=copy.deepcopy(model),
-            ref_model=copy.deepcopy(other_model),
-            args=args,
-            train_dataset=data,
-            processing_class=tokenizer,
-        )
-
-    return build(DPOTrainer, dpo_args(tmp_path, loss_type=loss_type)), build(ours_cls, nca_args(tmp_path, **overrides))
-
-
-def first_batch_loss_and_grads(trainer):
-    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    batch = trainer._prepare_inputs(trainer.data_collator(rows))
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
-
-
+@pytest.mark.parametrize("tied_scores", [False, True], ids=["no-scores", "tied-scores"])
 @pytest.mark.parametrize("conversational", [True, False])
 @pytest.mark.parametrize("ours_cls, loss_type", CASES)
 def test_first_step_loss_and_gradient_match_dpo(
-    ours_cls, loss_type, conversational, tokenizer, model, other_model, tmp_path
+    ours_cls, loss_type, conversational, tied_scores, tokenizer, model, other_model, tmp_path
 ):
-    dpo, ours = dpo_and_ours(
-        ours_cls, loss_type, pairwise_dataset(conversational), tokenizer, model, other_model, tmp_path
-    )
+    """Also with `score_chosen == score_rejected`: the row says which response is chosen, and DPO trusts that."""
+    data = pairwise_dataset(conversational, tied_scores=tied_scores)
+    dpo, ours = dpo_and_ours(ours_cls, loss_type, data, tokenizer, model, other_model, tmp_path)
 
     dpo_loss, dpo_grads = first_batch_loss_and_grads(dpo)
     our_loss, our_grads = first_batch_loss_and_grads(ours)
@@ -58,12 +34,14 @@ def test_first_step_loss_and_gradient_match_dpo(
         torch.testing.assert_close(our_grads[name], dpo_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("prompt_sharing", ["off", "on"])
+@pytest.mark.parametrize(
+    "prompt_sharing, tied_scores", [("off", False), ("on", False), ("on", True)], ids=["padded", "shared", "tied"]
+)
 @pytest.mark.parametrize("ours_cls, loss_type", CASES)
 def test_one_training_step_logs_dpo_keys_with_dpo_values(
-    ours_cls, loss_type, prompt_sharing, tokenizer, model, other_model, tmp_path
+    ours_cls, loss_type, prompt_sharing, tied_scores, tokenizer, model, other_model, tmp_path
 ):
-    data = pairwise_dataset()
+    data = pairwise_dataset(tied_scores=tied_scores)
     dpo, ours = dpo_and_ours(
         ours_cls, loss_type, data, tokenizer, model, other_model, tmp_path, prompt_sharing=prompt_sharing
     )
@@ -107,3 +85,38 @@ def test_dpo_script_with_dpo_config_runs_unchanged(tokenizer, model, tmp_path):
         assert torch.equal(ref_params[name], value), name
     # at initialisation policy == reference, so NCA's first loss is 2 log 2
     assert trainer.state.log_history[0]["loss"] == pytest.approx(2 * torch.log(torch.tensor(2.0)).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("ours_cls, loss_type", CASES)
+def test_a_dpo_config_naming_the_trainers_own_loss_type_is_accepted(
+    ours_cls, loss_type, tokenizer, model, other_model, tmp_path
+):
+    """NCATrainer on pairs is `nca_pair` and InfoNCATrainer is `sigmoid`: a DPOConfig that says so is not an error."""
+    dpo, _ = dpo_and_ours(ours_cls, loss_type, pairwise_dataset(), tokenizer, model, other_model, tmp_path)
+    ours = ours_cls(
+        model=copy.deepcopy(model),
+        ref_model=copy.deepcopy(other_model),
+        args=dpo_args(tmp_path, loss_type=loss_type),
+        train_dataset=pairwise_dataset(),
+        processing_class=tokenizer,
+    )
+    assert ours.args.loss_type == [loss_type]
+    torch.testing.assert_close(first_batch_loss_and_grads(ours)[0], first_batch_loss_and_grads(dpo)[0])
+
+
+@pytest.mark.parametrize(
+    "ours_cls, loss_type, message",
+    [
+        (InfoNCATrainer, "nca_pair", "InfoNCATrainer computes InfoNCA, which on preference pairs is DPO's "),
+        (NCATrainer, "ipo", "`loss_type=\\['ipo'\\]` has no meaning for NCA or InfoNCA"),
+        (InfoNCATrainer, ["sigmoid", "nca_pair"], "has no meaning for NCA or InfoNCA"),
+    ],
+)
+def test_other_loss_types_still_raise(ours_cls, loss_type, message, tokenizer, model, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        ours_cls(
+            model=model,
+            args=dpo_args(tmp_path, loss_type=loss_type),
+            train_dataset=pairwise_dataset(),
+            processing_class=tokenizer,
+        )

@@ -123,7 +123,7 @@ class _KResponseTrainer(DPOTrainer):
         if self._layout is not None:
             return
         attn = self.accelerator.unwrap_model(self.model).config._attn_implementation
-        choice = choose_layout(self.args.prompt_sharing, attn, self.args.truncation_mode)
+        choice = choose_layout(self.args.prompt_sharing, attn, self.args.truncation_mode, self.aux_loss_enabled)
         if choice.fallback_reason:
             logger.warning(f"The shared-prompt layout is off because {choice.fallback_reason}; using the padded one.")
         self._layout = choice.name
@@ -211,6 +211,10 @@ class _KResponseTrainer(DPOTrainer):
                 "`precompute_ref_log_probs=True` needs a map-style Dataset, not an IterableDataset; set "
                 "`precompute_ref_log_probs=False` to compute reference log-probabilities on the fly."
             )
+        if not dataset.cache_files:
+            # An in-memory dataset has no cache folder that all ranks share (each would look in a temporary folder of
+            # its own): every rank holds all the gathered values, so each adds the column in memory
+            return dataset.add_column("ref_logps", self._reference_logps_of(dataset, name, batch_size))
         fingerprint = [Hasher.hash((dataset._fingerprint, self._precompute_model_hash, "k-responses"))]
         broadcast_object_list(fingerprint, from_process=0)
         cache_file = dataset._get_cache_file_path(fingerprint[0])

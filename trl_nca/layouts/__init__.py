@@ -33,12 +33,15 @@ class LayoutChoice:
     fallback_reason: str | None = None
 
 
-def choose_layout(prompt_sharing: str, attn_implementation: str, truncation_mode: str) -> LayoutChoice:
+def choose_layout(
+    prompt_sharing: str, attn_implementation: str, truncation_mode: str, router_loss: bool = False
+) -> LayoutChoice:
     """The layout for a `prompt_sharing` setting on a model with `attn_implementation`.
 
     `"off"` is the padded layout. `"auto"` is the shared-prompt layout where it can work (an attention implementation
-    in `SUPPORTED_ATTENTION` and `keep_start` truncation), else the padded one with the reason. `"on"` raises a
-    `ValueError` with the reason where the shared prompt cannot work.
+    in `SUPPORTED_ATTENTION`, `keep_start` truncation, and no MoE `router_loss`, whose load-balancing term reads a
+    2D attention mask), else the padded one with the reason. `"on"` raises a `ValueError` with the reason where the
+    shared prompt cannot work.
     """
     if prompt_sharing not in PROMPT_SHARING:
         raise ValueError(f"`prompt_sharing` must be one of {PROMPT_SHARING}, got {prompt_sharing!r}.")
@@ -52,6 +55,8 @@ def choose_layout(prompt_sharing: str, attn_implementation: str, truncation_mode
         )
     elif truncation_mode != "keep_start":
         reason = f"truncation_mode={truncation_mode!r} (it supports 'keep_start')"
+    elif router_loss:
+        reason = "the model's MoE router loss is on, and its load-balancing term needs a 2D attention mask"
     if reason is None:
         return LayoutChoice("shared_prompt")
     if prompt_sharing == "on":

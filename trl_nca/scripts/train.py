@@ -14,14 +14,12 @@ trainer = main(script_args, training_args, model_args, dataset_args, algorithm="
 
 from __future__ import annotations
 
-import math
-
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, get_dataset
 from trl.trainer.utils import get_peft_config, get_quantization_config
 
 from ..config import NCAConfig
 from ..trainer import InfoNCATrainer, NCATrainer
-from .utils import load_any_dataset
+from .utils import check_model, load_any_dataset, model_init_kwargs, resolve_checkpoint, run_summary
 
 TRAINERS = {"nca": NCATrainer, "infonca": InfoNCATrainer}
 DATACLASSES = (ScriptArguments, NCAConfig, ModelConfig, DatasetMixtureConfig)
@@ -56,28 +54,16 @@ def _datasets(script_args, training_args, dataset_args):
     return train, evaluate
 
 
-def _resume_value(value):
-    # TrainingArguments types it as a path; "true"/"last" resume from the newest checkpoint in output_dir
-    if isinstance(value, str) and value.lower() in {"true", "last"}:
-        return True
-    return value
-
-
 def main(script_args, training_args, model_args, dataset_args, *, algorithm: str = "nca", callbacks=None):
     """Train NCA or InfoNCA from the parsed dataclasses; returns the trainer after saving the model."""
     trainer_cls = TRAINERS[algorithm]
-    model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
-    training_args.model_init_kwargs = model_init_kwargs
+    model = check_model(model_args.model_name_or_path)
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     train_dataset, eval_dataset = _datasets(script_args, training_args, dataset_args)
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     trainer = trainer_cls(
-        model=model_args.model_name_or_path,
+        model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -85,32 +71,12 @@ def main(script_args, training_args, model_args, dataset_args, *, algorithm: str
         peft_config=get_peft_config(model_args),
         callbacks=callbacks,
     )
-    result = trainer.train(resume_from_checkpoint=_resume_value(training_args.resume_from_checkpoint))
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
-        print(summary(trainer, result.metrics))
+        print(run_summary(trainer, result.metrics, resumed_from=checkpoint))
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers and the process group
         trainer.end()
     return trainer
-
-
-def summary(trainer, train_metrics: dict) -> str:
-    """A short end-of-run report: steps, runtime, final loss and reward accuracy, where the model is."""
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    last = logs[-1] if logs else {}
-
-    def fmt(value):
-        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
-
-    return "\n".join(
-        [
-            f"{trainer._name} training finished",
-            f"  steps:              {trainer.state.global_step}",
-            f"  runtime:            {train_metrics.get('train_runtime', float('nan')):.1f} s",
-            f"  final loss:         {fmt(last.get('loss'))}",
-            f"  reward accuracy:    {fmt(last.get('rewards/accuracies'))}",
-            f"  model saved to:     {trainer.args.output_dir}",
-        ]
-    )

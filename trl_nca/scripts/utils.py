@@ -1,43 +1,184 @@
-"""Loading datasets by hub id or local path, as the `trl-nca` commands accept them."""
+"""What the `trl-nca` commands share: loading datasets by hub id or local path, checking a model path, finding the
+checkpoint to resume from, and the end-of-run summary."""
 
 from __future__ import annotations
 
-import os
+import json
+import math
+import re
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # File suffixes -> the `datasets` builder that reads them
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
+# A hub repo id: `name` or `owner/name`, letters, digits, `-`, `_`, `.`
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
 
 def looks_local(name: str) -> bool:
-    """Whether `name` is meant as a local path rather than a hub id (hub ids are `owner/name`)."""
-    return os.path.exists(name) or name.startswith((".", "/", "~")) or Path(name).suffix.lower() in FILE_BUILDERS
+    """Whether `name` is meant as a local path rather than a hub id: it exists, starts like a path (`.`, `/`, `~`),
+    has a data-file suffix, has more than one `/`, or its first part is an existing local folder (`data/mine` when
+    `data/` exists)."""
+    path = Path(name).expanduser()
+    return (
+        path.exists()
+        or name.startswith((".", "/", "~"))
+        or path.suffix.lower() in FILE_BUILDERS
+        or not _HUB_ID.match(name)
+        or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    )
+
+
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """`(line number, reason)` of the first line of a JSON Lines file that is not a JSON object, or None (also when
+    the file is one valid JSON document)."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return None
+    except json.JSONDecodeError:
+        pass
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                if not isinstance(json.loads(line), dict):
+                    return number, "not a JSON object"
+            except json.JSONDecodeError as error:
+                return number, error.msg
+    return None
+
+
+def _load_file(path: Path, streaming: bool) -> DatasetDict:
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(f"Cannot read {path}: expected one of {sorted(FILE_BUILDERS)} or a save_to_disk folder")
+    try:
+        return load_dataset(builder, data_files={"train": str(path)}, streaming=streaming)
+    except Exception:
+        # `datasets` reports a broken JSON line deep inside its builder; find the line and say where it is
+        bad = _first_bad_json_line(path) if builder == "json" else None
+        if bad is None:
+            raise
+        raise ValueError(f"{path}, line {bad[0]}: not valid JSON ({bad[1]})") from None
 
 
 def load_any_dataset(name: str, config: str | None = None, streaming: bool = False) -> DatasetDict:
     """A `DatasetDict` from a `save_to_disk` folder, a JSON/JSONL/Parquet/CSV file or folder of them, or a hub id.
 
-    A single file or a folder of files becomes the `train` split; a missing local path raises `FileNotFoundError`.
+    A single file or a folder of files becomes the `train` split. A path that is clearly local and missing raises
+    `FileNotFoundError` at once (no hub lookup); a malformed JSON line raises a `ValueError` naming file and line.
     """
     path = Path(name).expanduser()
-    if looks_local(name):
-        if not path.exists():
-            raise FileNotFoundError(f"Dataset not found: {name} (no such file or folder)")
-        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-            loaded = load_from_disk(str(path))
-            return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
-        if path.is_file():
-            builder = FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise ValueError(
-                    f"Cannot read {name}: expected one of {sorted(FILE_BUILDERS)} or a save_to_disk folder"
-                )
-            return load_dataset(builder, data_files={"train": str(path)}, streaming=streaming)
-        return load_dataset(str(path), name=config, streaming=streaming)
-    return load_dataset(name, name=config, streaming=streaming)
+    if not looks_local(name):
+        return load_dataset(name, name=config, streaming=streaming)
+    if not path.exists():
+        raise FileNotFoundError(f"Dataset not found: {name} (no such file or folder)")
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        loaded = load_from_disk(str(path))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+    if path.is_file():
+        return _load_file(path, streaming)
+    return load_dataset(str(path), name=config, streaming=streaming)
 
 
 def first_split(dataset: DatasetDict | Dataset) -> Dataset:
     return dataset if isinstance(dataset, Dataset) else dataset[next(iter(dataset))]
+
+
+def check_model(name: str | None, flag: str = "--model_name_or_path") -> str:
+    """The model argument of a command, checked: given, and an existing folder when it is clearly a local path."""
+    if not name:
+        raise ValueError(f"{flag} is required: a model folder or a hub id")
+    if looks_local(name) and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(f"Model not found: {name} (no such folder)")
+    return name
+
+
+def model_init_kwargs(model_args, training_args) -> dict:
+    """`from_pretrained` keyword arguments from TRL's `ModelConfig`, under those the config already has."""
+    return {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    """Trainer writes `trainer_state.json` last: a checkpoint without a readable one was cut while being written."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return True
+
+
+def resolve_checkpoint(value, output_dir: str):
+    """The checkpoint `--resume_from_checkpoint` means: `true`/`last` is the newest *complete* checkpoint in
+    `output_dir` (newer incomplete ones, from a run killed while saving, are named in a warning); a path must be a
+    complete checkpoint. `None`/`false` means no resume."""
+    if value is None or value is False or (isinstance(value, str) and value.lower() in {"false", "none", ""}):
+        return None
+    if value is True or (isinstance(value, str) and value.lower() in {"true", "last"}):
+        checkpoints = sorted(
+            (p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+            key=_step,
+        )
+        complete = [p for p in checkpoints if _is_complete(p)]
+        if not complete:
+            raise ValueError(f"--resume_from_checkpoint true: no complete checkpoint in {output_dir}")
+        incomplete = [p.name for p in checkpoints if _step(p) > _step(complete[-1])]
+        if incomplete:
+            logger.warning(
+                f"Resuming from {complete[-1].name}: {', '.join(incomplete)} in {output_dir} has no trainer state "
+                "(the run was stopped while saving it), so it is skipped."
+            )
+        return str(complete[-1])
+    path = Path(value)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Checkpoint not found: {value} (no such folder)")
+    if not _is_complete(path):
+        raise ValueError(f"Checkpoint {value} is incomplete (no readable trainer_state.json): it was cut while saving")
+    return str(path)
+
+
+def run_summary(trainer, train_metrics: dict, resumed_from: str | None = None) -> str:
+    """A short end-of-run report: steps, processes, runtime, final loss and reward accuracy, where the model is."""
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    last = logs[-1] if logs else {}
+
+    def fmt(value):
+        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+    loss_line = f"  final loss:         {fmt(last.get('loss'))}"
+    if not logs:  # no step was logged (logging_steps above the step count): the run's mean loss is what there is
+        loss_line = f"  train loss (mean):  {fmt(train_metrics.get('train_loss'))}"
+    lines = [
+        f"{trainer._name} training finished",
+        f"  steps:              {trainer.state.global_step}",
+        f"  processes:          {trainer.accelerator.num_processes} "
+        f"({str(trainer.accelerator.distributed_type).split('.')[-1]})",
+        f"  runtime:            {train_metrics.get('train_runtime', float('nan')):.1f} s",
+        loss_line,
+    ]
+    if "rewards/accuracies" in last:
+        lines.append(f"  reward accuracy:    {fmt(last.get('rewards/accuracies'))}")
+    if resumed_from is not None:
+        start, end = _step(Path(resumed_from)), trainer.state.global_step
+        lines.append(
+            f"  resumed from:       {Path(resumed_from).name}; train_loss covers the {end - start} resumed steps "
+            f"only ({start + 1}-{end})"
+        )
+    lines.append(f"  model saved to:     {trainer.args.output_dir}")
+    return "\n".join(lines)

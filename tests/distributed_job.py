@@ -1,0 +1,55 @@
+"""Jobs the distributed tests start under `accelerate launch` and as one plain process (not a test module).
+
+    python tests/distributed_job.py probe                 # prints {"distributed_type": ...}
+    python tests/distributed_job.py precompute OUT.json ROWS.jsonl
+
+`precompute`: reference log-probabilities precomputed for the rows of ROWS.jsonl (the test writes 7 rows of ragged
+K: uneven over 2 processes x batch 2), with a reference that differs from the policy, for the rows in memory and
+read from the file; the main process writes them to OUT.json.
+"""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import build_model, build_tokenizer  # noqa: E402
+from datasets import Dataset, load_dataset  # noqa: E402
+from helpers import nca_args  # noqa: E402
+
+from trl_nca import NCATrainer  # noqa: E402
+
+
+def probe() -> None:
+    """How the trainers' arguments would distribute this launch (what `Trainer` reads), without training."""
+    from transformers import TrainingArguments
+
+    state = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[]).distributed_state
+    if state.is_main_process:
+        print(json.dumps({"distributed_type": str(state.distributed_type).split(".")[-1]}))
+
+
+def precompute(out: str, rows_file: str) -> None:
+    tokenizer = build_tokenizer()
+    folder = Path(tempfile.mkdtemp())
+    from_file = load_dataset("json", data_files=rows_file)["train"]
+    record = {}
+    for source, data in [("memory", Dataset.from_list(list(from_file))), ("file", from_file)]:
+        trainer = NCATrainer(
+            model=build_model(tokenizer, seed=0),
+            ref_model=build_model(tokenizer, seed=1),
+            args=nca_args(folder, precompute_ref_log_probs=True, precompute_ref_batch_size=2),
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
+        record[source] = list(trainer.train_dataset["ref_logps"])
+    record["processes"] = trainer.accelerator.num_processes
+    if trainer.accelerator.is_main_process:
+        Path(out).write_text(json.dumps(record))
+    trainer.accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    {"probe": probe, "precompute": precompute}[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,100 @@
+"""The TRL-private contracts the trainers rely on, pinned against the installed TRL.
+
+The trainers override or call private DPOTrainer methods (written against TRL 1.16.0). When a TRL upgrade changes
+one, a test here fails with a message that names the contract, instead of a user's run failing somewhere inside
+training. Each contract is a signature and, where the trainers depend on it, a behaviour.
+"""
+
+import inspect
+
+import pytest
+import torch
+import trl
+from helpers import k_response_dataset, nca_args
+from trl import DPOTrainer
+from trl.trainer import utils as trl_utils
+
+from trl_nca import NCATrainer
+
+# (owner, name, parameter names) of every TRL callable the trainers override or call
+SIGNATURES = [
+    (DPOTrainer, "__init__", ["self", "model", "ref_model", "args", "data_collator", "train_dataset", "eval_dataset",
+                              "processing_class", "compute_metrics", "callbacks", "optimizers", "quantization_config",
+                              "peft_config"]),
+    (DPOTrainer, "_prepare_dataset", ["self", "dataset", "processing_class", "args", "dataset_name"]),
+    (DPOTrainer, "_precompute_ref_logps", ["self", "dataset", "name", "batch_size"]),
+    (DPOTrainer, "compute_ref_log_probs", ["self", "model", "inputs"]),
+    (DPOTrainer, "_set_signature_columns_if_needed", ["self"]),
+    (DPOTrainer, "compute_loss", ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]),
+    (trl_utils, "add_fused_lm_head", ["model", "temperature", "cast_lm_head_to_fp32", "outputs"]),
+    (trl_utils, "use_adapter", ["model", "adapter_name"]),
+    (trl_utils, "global_then_local_main_first", []),
+    (trl_utils, "get_config_model_id", ["config"]),
+    (trl.models.utils, "disable_gradient_checkpointing", ["model", "gradient_checkpointing_kwargs"]),
+    (trl.data_utils, "common_prefix_length", ["ids", "other_ids"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("owner, name, expected", SIGNATURES, ids=lambda x: x if isinstance(x, str) else "")
+def test_signature(owner, name, expected):
+    where = f"{getattr(owner, '__name__', owner)}.{name}"
+    assert hasattr(owner, name), f"TRL contract broken: {where} is gone (trl {trl.__version__}; written for 1.16.0)"
+    found = list(inspect.signature(getattr(owner, name)).parameters)
+    assert found == expected, (
+        f"TRL contract broken: the signature of {where} changed from {expected} to {found} (trl {trl.__version__}; "
+        "trl_nca mirrors 1.16.0)"
+    )
+
+
+def test_dpo_init_calls_prepare_dataset_and_precompute_with_the_arguments_we_override(tokenizer, model, tmp_path):
+    """DPOTrainer.__init__ prepares each dataset through `_prepare_dataset(dataset, processing_class, args, name)`,
+    then, with `precompute_ref_log_probs`, calls `_precompute_ref_logps(dataset, name, batch_size)` once the pad token
+    and the models are set."""
+    calls = []
+
+    class Recording(NCATrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            calls.append(("prepare", dataset_name, processing_class is tokenizer))
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            calls.append(("precompute", name, batch_size, self._tokenizer.pad_token_id is not None))
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    data = k_response_dataset(counts=(2, 3))
+    trainer = Recording(
+        model=model,
+        args=nca_args(tmp_path, precompute_ref_log_probs=True, precompute_ref_batch_size=3),
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=tokenizer,
+    )
+    assert calls == [
+        ("prepare", "train", True),
+        ("prepare", "eval", True),
+        ("precompute", "train", 3, True),
+        ("precompute", "eval", 3, True),
+    ], "TRL contract broken: DPOTrainer.__init__ no longer prepares and precomputes as trl_nca expects"
+    # The attributes of DPOTrainer that the overrides read
+    read = ["_tokenizer", "aux_loss_enabled", "router_aux_loss_coef", "precompute_ref_logps", "beta"]
+    read += ["_precompute_model_hash", "_precompute_engine", "_metrics", "_total_train_tokens", "_tp_size"]
+    for name in read:
+        assert hasattr(trainer, name), f"TRL contract broken: DPOTrainer no longer sets `self.{name}`"
+
+
+def test_fused_lm_head_returns_per_token_log_probs_entropy_and_top1(tokenizer, model):
+    """`model(..., labels, fused_lm_head=True)` after `add_fused_lm_head` returns the log-probability of each
+    next-token label `(B, L-1)`, zero where the label is -100, and `entropy` and `is_top1` of the same shape."""
+    ids = torch.tensor([[5, 9, 14, 20, 7], [3, 11, 12, 0, 0]])
+    labels = ids.masked_fill(torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]]) == 0, -100)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    expected = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    expected = expected.masked_fill(labels[:, 1:] == -100, 0.0)
+    message = "TRL contract broken: the fused LM head's outputs changed"
+    assert out.log_probs.shape == (2, 4) and out.entropy.shape == (2, 4) and out.is_top1.shape == (2, 4), message
+    torch.testing.assert_close(out.log_probs.double(), expected, atol=1e-5, rtol=0, msg=message)
+    top1 = logits[:, :-1].argmax(-1) == ids[:, 1:]
+    assert torch.equal(out.is_top1.bool(), top1 & (labels[:, 1:] != -100)), message
