@@ -305,7 +305,8 @@ def test_prepare_raw_ultrafeedback_reports_drops(tmp_path, capsys):
     ]
     assert out["train"][1]["prompt"] == [{"role": "user", "content": "Q1"}]
     printed = capsys.readouterr().out
-    assert "dropped 2 completions with a missing or non-numeric score" in printed
+    reason = "column 'completions[N].overall_score': expected a finite number as reward"
+    assert f"dropped 2 completions ({reason})" in printed
     assert "dropped 1 rows with fewer than 3 scored responses" in printed
 
 
@@ -326,7 +327,7 @@ def test_prepare_binarized_with_test_split(tmp_path):
     Dataset.from_list(rows).to_parquet(source)
     prepared, drops = prepare_ultrafeedback(str(source), str(tmp_path / "out"), test_size=0.2)
     assert len(prepared["train"]) + len(prepared["test"]) == 9 and len(prepared["test"]) == 2
-    assert drops == {"rows with a missing or non-numeric score": 1}
+    assert drops == {"rows (column 'score_rejected': expected a finite number as reward)": 1}
     row = load_from_disk(str(tmp_path / "out"))["train"][0]
     assert row["rewards"] == [8.0, 3.0] and [c[0]["content"] for c in row["completions"]] == ["good", "bad"]
 

@@ -108,7 +108,7 @@ def test_metrics_name_two_different_responses_when_rewards_tie():
 @pytest.mark.parametrize("layout", ["list", "columns"])
 @pytest.mark.parametrize("cls, loss_fn", [(NCATrainer, nca_loss), (InfoNCATrainer, infonca_loss)])
 def test_ranked_data_without_scores_gets_rewards_from_the_rank(
-    layout, cls, loss_fn, tokenizer, model, other_model, tmp_path
+    layout, cls, loss_fn, tokenizer, model, other_model, tmp_path, caplog
 ):
     if layout == "columns":
         data = ranked_columns([[None] * 4, [None] * 3])
@@ -119,7 +119,10 @@ def test_ranked_data_without_scores_gets_rewards_from_the_rank(
                 {"prompt": user("Name a colour."), "completions": [assistant(a) for a in ANSWERS]},
             ]
         )
-    converted = convert_to_k_responses(data)
+    with caplog.at_level("WARNING", logger="trl_nca"):
+        converted = convert_to_k_responses(data)
+    said = [r.getMessage() for r in caplog.records if "read as ranked best first" in r.getMessage()]
+    assert len(said) == (1 if layout == "list" else 0)
     assert sorted(converted["rewards"], key=len) == [[0.0, -1.0, -2.0], [0.0, -1.0, -2.0, -3.0]]
     trainer = build(cls, data, model, other_model, tokenizer, tmp_path, reward_temperature=1.0)
     # alpha in rank steps: the loss with labels softmax(-rank / alpha), from the trainer's own log-probabilities

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError, ImportError) as error:
         if os.environ.get("TRL_NCA_DEBUG"):
             raise
-        text = str(error).strip().strip("'\"").splitlines()
+        text = (error.args[0] if isinstance(error, KeyError) and error.args else str(error)).strip().splitlines()
         print(_one_line(text[0] if text else type(error).__name__), file=sys.stderr)
         return 2
     except OSError as error:  # e.g. a model id that is neither a local folder nor reachable

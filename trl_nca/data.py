@@ -35,6 +35,16 @@ ORDERED_LAYOUTS = ("ranked_list", "preference", "ranked_columns")
 
 ULTRAFEEDBACK_REWARDS = ("overall_score", "fine-grained_score", "mean_rating")
 
+
+class RowError(ValueError):
+    """A bad value in one row: the message names the row and the column. `reason` is the message without the row
+    and the values, so that `trl-nca prepare` can count dropped rows by their real reason."""
+
+    @property
+    def reason(self) -> str:
+        text = re.sub(r"^Row [^,]*, ", "", str(self)).split(", got ")[0].split("; ")[0]
+        return re.sub(r"\d+", "N", text).rstrip(".")
+
 _RANKED_COLUMN = re.compile(r"^A(\d+)$")
 
 
@@ -74,7 +84,7 @@ def _reward(value: Any, row: int | None, column: str) -> float:
         except ValueError:
             number = None
     if number is None or not math.isfinite(number):
-        raise ValueError(f"Row {row}, column '{column}': expected a finite number as reward, got {value!r}.")
+        raise RowError(f"Row {row}, column '{column}': expected a finite number as reward, got {value!r}.")
     return number
 
 
@@ -83,14 +93,14 @@ def _check_training_dtype(rewards: list[float], row: int | None, column: str) ->
     cast = np.asarray(rewards, dtype=np.float64).astype(np.float32)
     for k, (value, low) in enumerate(zip(rewards, cast)):
         if not np.isfinite(low):
-            raise ValueError(
+            raise RowError(
                 f"Row {row}, column '{column}[{k}]': reward {value!r} overflows float32, the dtype rewards are "
                 "trained in; rescale the rewards."
             )
     for j in range(len(rewards)):
         for k in range(j + 1, len(rewards)):
             if rewards[j] != rewards[k] and cast[j] == cast[k]:
-                raise ValueError(
+                raise RowError(
                     f"Row {row}, column '{column}': rewards {rewards[j]!r} and {rewards[k]!r} differ but are equal "
                     "in float32, the dtype rewards are trained in, so they would become a tie; rescale or shift "
                     "the rewards."
@@ -99,30 +109,30 @@ def _check_training_dtype(rewards: list[float], row: int | None, column: str) ->
 
 def _message_list(value: Any, row: int | None, column: str) -> None:
     if not value:
-        raise ValueError(
+        raise RowError(
             f"Row {row}, column '{column}': empty message list; a conversation needs at least one message."
         )
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
-            raise ValueError(
+            raise RowError(
                 f"Row {row}, column '{column}', message {i}: expected a dict with a 'role' and a 'content', got "
                 f"{message!r}."
             )
-        if "content" not in message:
-            raise ValueError(f"Row {row}, column '{column}', message {i}: the message has no 'content'.")
+        if not isinstance(message.get("content"), (str, list)):  # a missing key reads as None after Arrow
+            raise RowError(f"Row {row}, column '{column}', message {i}: the message has no 'content'.")
 
 
 def _check_text_or_messages(value: Any, row: int | None, column: str, *, prompt: bool) -> str:
     """`"text"` or `"messages"` for a valid prompt or response; a `ValueError` naming the row and column otherwise."""
     if isinstance(value, str):
         if prompt and not value.strip():
-            raise ValueError(f"Row {row}, column '{column}': empty prompt.")
+            raise RowError(f"Row {row}, column '{column}': empty prompt.")
         return "text"
     if isinstance(value, (list, tuple)):
         _message_list(value, row, column)
         return "messages"
     hint = " (a CSV column whose values all parse as numbers is read as numbers)" if isinstance(value, int) else ""
-    raise ValueError(
+    raise RowError(
         f"Row {row}, column '{column}': expected text or a list of messages, got {type(value).__name__} "
         f"{value!r}{hint}."
     )
@@ -140,16 +150,16 @@ def _check_row(
     column (its items are `column[k]`) or one column per response."""
     name = column if isinstance(column, str) else ", ".join(column)
     if not isinstance(completions, (list, tuple)):
-        raise ValueError(
+        raise RowError(
             f"Row {row}, column '{name}': expected a list of responses, got {type(completions).__name__}."
         )
     if len(completions) < 2:
-        raise ValueError(
+        raise RowError(
             f"Row {row}, column '{name}': expected at least 2 responses, got {len(completions)}. NCA and InfoNCA "
             "contrast responses of the same prompt."
         )
     if len(rewards) != len(completions):
-        raise ValueError(
+        raise RowError(
             f"Row {row}, columns '{name}' and 'rewards': {len(completions)} completions but {len(rewards)} rewards; "
             "they must have the same length."
         )
@@ -157,7 +167,7 @@ def _check_row(
     for k, completion in enumerate(completions):
         source = f"{column}[{k}]" if isinstance(column, str) else column[k]
         if _check_text_or_messages(completion, row, source, prompt=False) != kind:
-            raise ValueError(
+            raise RowError(
                 f"Row {row}, column '{source}': the prompt is {'text' if kind == 'text' else 'a message list'} "
                 f"but this response is {'a message list' if kind == 'text' else 'text'}; use the same format for both."
             )
@@ -167,7 +177,7 @@ def _check_row(
 def _canonical(example: dict, row: int | None) -> dict:
     rewards = example["rewards"]
     if not isinstance(rewards, (list, tuple)):
-        raise ValueError(f"Row {row}, column 'rewards': expected a list of numbers, got {rewards!r}.")
+        raise RowError(f"Row {row}, column 'rewards': expected a list of numbers, got {rewards!r}.")
     rewards = [_reward(value, row, f"rewards[{k}]") for k, value in enumerate(rewards)]
     _check_row(example["prompt"], example["completions"], rewards, row, "completions")
     return {"prompt": example["prompt"], "completions": list(example["completions"]), "rewards": rewards}
@@ -210,14 +220,14 @@ def _implicit_prompt(answers: list, row: int | None, columns: list[str]) -> tupl
     """The implicit prompt of whole conversations (the common first messages) and the responses after it."""
     for answer, column in zip(answers, columns):
         if not isinstance(answer, list):
-            raise ValueError(
+            raise RowError(
                 f"Row {row}, column '{column}': without a `prompt` column the responses must be whole conversations "
                 f"(user turn included), got {type(answer).__name__}."
             )
         _message_list(answer, row, column)
     prompt, completions = _split_prompt(answers)
     if not prompt:
-        raise ValueError(
+        raise RowError(
             f"Row {row}, column '{columns[0]}': the conversations share no first message, so there is no prompt; add "
             "a `prompt` column."
         )
@@ -231,7 +241,7 @@ def _preference(example: dict, row: int | None) -> dict:
     elif isinstance(chosen, list) and isinstance(rejected, list):
         prompt, (chosen, rejected) = _implicit_prompt([chosen, rejected], row, ["chosen", "rejected"])
     else:
-        raise ValueError(
+        raise RowError(
             f"Row {row}, column 'prompt': text preference rows need a `prompt`; only conversational rows can carry "
             "an implicit prompt."
         )
@@ -261,7 +271,7 @@ def _mean_rating(annotations: Any, row: int | None, column: str) -> float:
             if math.isfinite(value):
                 ratings.append(value)
     if not ratings:
-        raise ValueError(f"Row {row}, column '{column}': no numeric `Rating` in the annotations, got {annotations!r}.")
+        raise RowError(f"Row {row}, column '{column}': no numeric `Rating` in the annotations, got {annotations!r}.")
     return sum(ratings) / len(ratings)
 
 
@@ -269,7 +279,7 @@ def ultrafeedback_score(completion: Any, reward_field: str, row: int | None, col
     """The reward of one raw UltraFeedback completion (a dict), by `reward_field`; a `ValueError` naming the row and
     column when the completion has no response or no usable score."""
     if not isinstance(completion, dict) or not isinstance(completion.get("response"), str):
-        raise ValueError(f"Row {row}, column '{column}': expected a dict with a 'response' text, got {completion!r}.")
+        raise RowError(f"Row {row}, column '{column}': expected a dict with a 'response' text, got {completion!r}.")
     if reward_field == "mean_rating":
         return _mean_rating(completion.get("annotations"), row, f"{column}.annotations")
     return _reward(completion.get(reward_field), row, f"{column}.{reward_field}")
@@ -278,10 +288,10 @@ def ultrafeedback_score(completion: Any, reward_field: str, row: int | None, col
 def _ultrafeedback(example: dict, row: int | None, reward_field: str) -> dict:
     completions = example["completions"]
     if not isinstance(completions, (list, tuple)):
-        raise ValueError(f"Row {row}, column 'completions': expected a list of dicts, got {completions!r}.")
+        raise RowError(f"Row {row}, column 'completions': expected a list of dicts, got {completions!r}.")
     rewards = [ultrafeedback_score(c, reward_field, row, f"completions[{k}]") for k, c in enumerate(completions)]
     if not isinstance(example["instruction"], str) or not example["instruction"].strip():
-        raise ValueError(f"Row {row}, column 'instruction': expected the prompt text, got {example['instruction']!r}.")
+        raise RowError(f"Row {row}, column 'instruction': expected the prompt text, got {example['instruction']!r}.")
     prompt = [{"role": "user", "content": example["instruction"]}]
     responses = [[{"role": "assistant", "content": completion["response"]}] for completion in completions]
     _check_row(prompt, responses, rewards, row, "completions", f"completions[].{reward_field}")
@@ -297,7 +307,7 @@ def _ranked_columns(example: dict, row: int | None) -> dict:
         if example[name] is None and example.get(f"score_{name}") is None:
             continue  # this row has fewer responses than the widest one
         if example[name] is None:
-            raise ValueError(f"Row {row}, column '{name}': missing response while `score_{name}` is set.")
+            raise RowError(f"Row {row}, column '{name}': missing response while `score_{name}` is set.")
         answers.append(example[name])
         present.append(name)
         if scored:

@@ -56,6 +56,14 @@ NCA_PAPER = {
 }
 
 
+def _check_not_empty(dataset, name: str) -> None:
+    """An empty dataset stops here with a clear error (DPOTrainer would raise StopIteration reading its first row)."""
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"The {name} dataset is empty: there is nothing to train on.")
+    if isinstance(dataset, IterableDataset) and next(iter(dataset), None) is None:
+        raise ValueError(f"The {name} dataset is empty (the stream has no row): there is nothing to train on.")
+
+
 class _KResponseTrainer(DPOTrainer):
     """Shared pipeline of NCATrainer and InfoNCATrainer; subclasses set `loss_fn` (a function of `trl_nca.losses`)
     and `pair_loss_type` (the DPO `loss_type` their loss equals on preference pairs)."""
@@ -91,6 +99,9 @@ class _KResponseTrainer(DPOTrainer):
                 f"loss_type={self.pair_loss_type!r}; loss_type={args.loss_type!r} names another loss. Leave loss_type "
                 "at its default or use the trainer of that loss."
             )
+        _check_not_empty(train_dataset, "train")
+        for name, dataset in (eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]):
+            _check_not_empty(dataset, name)
         # The reference is the initial policy. DPOTrainer reloads it from the model's hub id or path, which a model
         # built from a config (or changed in memory) does not have; a copy taken now is that initial policy. PEFT
         # disables its adapter instead, and precomputed log-probs need no reference during training.

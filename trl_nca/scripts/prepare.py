@@ -1,7 +1,8 @@
 """`trl-nca prepare ultrafeedback`: raw or binarized UltraFeedback -> a canonical K-response dataset on disk.
 
-Unlike the trainers, which stop at the first bad row, preparation skips what it cannot use and reports every drop:
-completions with a missing or non-numeric score, then rows left with fewer than `min_k` responses.
+Unlike the trainers, which stop at the first bad row, preparation skips what it cannot use and reports every drop
+with its reason: completions with a missing or non-numeric score, rows left with fewer than `min_k` responses, and
+rows that fail any other check of the trainers (mismatched lengths, non-numeric scores, empty prompts, ...).
 """
 
 from __future__ import annotations
@@ -11,33 +12,34 @@ from collections import Counter
 
 from datasets import Dataset, DatasetDict
 
-from ..data import ULTRAFEEDBACK_REWARDS, detect_layout, to_k_responses, ultrafeedback_score
+from ..data import ULTRAFEEDBACK_REWARDS, RowError, detect_layout, to_k_responses, ultrafeedback_score
 from .utils import load_any_dataset
 
 
 def prepare_rows(rows, *, score: str = "overall_score", min_k: int = 2) -> tuple[list[dict], Counter]:
-    """Canonical rows from raw UltraFeedback or binarized rows, and a count of what was dropped, by reason."""
+    """Canonical rows from raw UltraFeedback or any accepted layout, and a count of what was dropped, by its real
+    reason (the checks of `trl_nca.data`, without the row numbers)."""
     drops: Counter = Counter()
     kept = []
     layout = None
-    for row in rows:
+    for index, row in enumerate(rows):
         layout = layout or detect_layout(list(row))
         if layout == "ultrafeedback":
             usable = []
-            for completion in row["completions"] or []:
+            for k, completion in enumerate(row.get("completions") or []):
                 try:
-                    ultrafeedback_score(completion, score, None, "completion")
+                    ultrafeedback_score(completion, score, index, f"completions[{k}]")
                     usable.append(completion)
-                except ValueError:
-                    drops["completions with a missing or non-numeric score"] += 1
+                except RowError as error:
+                    drops[f"completions ({error.reason})"] += 1
             row = {**row, "completions": usable}
             if len(usable) < min_k:
                 drops[f"rows with fewer than {min_k} scored responses"] += 1
                 continue
         try:
-            canonical = to_k_responses(row, layout, ultrafeedback_reward=score)
-        except ValueError:
-            drops["rows with a missing or non-numeric score"] += 1
+            canonical = to_k_responses(row, layout, ultrafeedback_reward=score, row=index)
+        except RowError as error:
+            drops[f"rows ({error.reason})"] += 1
             continue
         if len(canonical["completions"]) < min_k:
             drops[f"rows with fewer than {min_k} responses"] += 1

@@ -19,7 +19,14 @@ from trl.trainer.utils import get_peft_config, get_quantization_config
 
 from ..config import NCAConfig
 from ..trainer import InfoNCATrainer, NCATrainer
-from .utils import check_model, load_any_dataset, model_init_kwargs, resolve_checkpoint, run_summary
+from .utils import (
+    check_model,
+    load_any_dataset,
+    model_init_kwargs,
+    model_not_found_as_one_line,
+    resolve_checkpoint,
+    run_summary,
+)
 
 TRAINERS = {"nca": NCATrainer, "infonca": InfoNCATrainer}
 DATACLASSES = (ScriptArguments, NCAConfig, ModelConfig, DatasetMixtureConfig)
@@ -62,15 +69,16 @@ def main(script_args, training_args, model_args, dataset_args, *, algorithm: str
     train_dataset, eval_dataset = _datasets(script_args, training_args, dataset_args)
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
-    trainer = trainer_cls(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-        callbacks=callbacks,
-    )
+    with model_not_found_as_one_line(model):
+        trainer = trainer_cls(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            quantization_config=get_quantization_config(model_args),
+            peft_config=get_peft_config(model_args),
+            callbacks=callbacks,
+        )
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -98,6 +99,20 @@ def check_model(name: str | None, flag: str = "--model_name_or_path") -> str:
     if looks_local(name) and not Path(name).expanduser().is_dir():
         raise FileNotFoundError(f"Model not found: {name} (no such folder)")
     return name
+
+
+@contextmanager
+def model_not_found_as_one_line(model: str):
+    """A model name that is no local folder and fails as a hub id is reported as not found, whatever the hub says."""
+    try:
+        yield
+    except OSError as error:
+        if Path(model).expanduser().exists():
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"Model not found: {model} is no local folder, and loading it as a hub id failed ({reason})"
+        ) from error
 
 
 def model_init_kwargs(model_args, training_args) -> dict:
