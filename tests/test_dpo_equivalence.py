@@ -35,7 +35,7 @@ def test_first_step_loss_and_gradient_match_dpo(
 
 
 @pytest.mark.parametrize(
-    "prompt_sharing, tied_scores", [("off", False), ("on", False), ("on", True)], ids=["padded", "shared", "tied"]
+    "prompt_sharing, tied_scores", [("off", False), ("mask", False), ("mask", True)], ids=["padded", "shared", "tied"]
 )
 @pytest.mark.parametrize("ours_cls, loss_type", CASES)
 def test_one_training_step_logs_dpo_keys_with_dpo_values(

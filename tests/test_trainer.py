@@ -266,7 +266,7 @@ def test_streaming_dataset_and_text_rows_with_eos(tokenizer, model, tmp_path):
     assert streamed.state.log_history[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-5)
 
 
-@pytest.mark.parametrize("prompt_sharing, sequences", [("off", 13), ("on", 4)])
+@pytest.mark.parametrize("prompt_sharing, sequences", [("off", 13), ("mask", 4), ("cache", 13)])
 def test_compute_metrics_receives_logits_of_every_sequence(prompt_sharing, sequences, tokenizer, model, tmp_path):
     data = k_response_dataset(counts=(4, 2, 3, 4))
     seen = {}

@@ -11,10 +11,10 @@ import pytest
 import torch
 import trl
 from helpers import k_response_dataset, nca_args
-from trl import DPOTrainer
+from trl import DPOTrainer, GRPOTrainer
 from trl.trainer import utils as trl_utils
 
-from trl_nca import NCATrainer
+from trl_nca import NCATrainer, OnlineNCATrainer
 
 # (owner, name, parameter names) of every TRL callable the trainers override or call
 SIGNATURES = [
@@ -32,6 +32,21 @@ SIGNATURES = [
     (trl_utils, "get_config_model_id", ["config"]),
     (trl.models.utils, "disable_gradient_checkpointing", ["model", "gradient_checkpointing_kwargs"]),
     (trl.data_utils, "common_prefix_length", ["ids", "other_ids"]),
+    # The online trainers (GRPOTrainer)
+    (GRPOTrainer, "__init__", ["self", "model", "reward_funcs", "args", "train_dataset", "eval_dataset",
+                               "processing_class", "reward_processing_classes", "callbacks", "optimizers",
+                               "quantization_config", "peft_config", "tools", "rollout_func", "environment_factory"]),
+    (GRPOTrainer, "_calculate_rewards", ["self", "inputs", "prompts", "completions", "completion_ids_list"]),
+    (GRPOTrainer, "_generate_and_score_completions", ["self", "inputs"]),
+    (GRPOTrainer, "_prepare_inputs", ["self", "generation_batch"]),
+    (GRPOTrainer, "_compute_loss", ["self", "model", "inputs"]),
+    (GRPOTrainer, "_get_train_sampler", ["self", "dataset"]),
+    (trl_utils.RepeatSampler, "__init__", ["self", "data_source", "mini_repeat_count", "batch_size", "repeat_count",
+                                           "shuffle", "seed"]),
+    (trl_utils, "split_tensor_dict", ["tensor_dict", "num_chunks"]),
+    (trl_utils, "split_pixel_values_by_grid", ["batch"]),
+    (trl_utils, "unsplit_pixel_values_by_grid", ["batch"]),
+    (trl_utils, "disable_dropout_in_model", ["model"]),
 ]  # fmt: skip
 
 
@@ -98,3 +113,49 @@ def test_fused_lm_head_returns_per_token_log_probs_entropy_and_top1(tokenizer, m
     torch.testing.assert_close(out.log_probs.double(), expected, atol=1e-5, rtol=0, msg=message)
     top1 = logits[:, :-1].argmax(-1) == ids[:, 1:]
     assert torch.equal(out.is_top1.bool(), top1 & (labels[:, 1:] != -100)), message
+
+
+def test_grpo_scoring_returns_what_the_online_trainers_read(tokenizer, tmp_path):
+    """`_generate_and_score_completions` returns the padded prompt and completion ids and masks, the reference
+    per-token log-probabilities when `beta` is not 0; `_calculate_rewards` returns the gathered (completions,
+    functions) rewards; `_get_per_token_logps_and_entropies` returns `(logps, entropies, aux_loss)` per completion
+    token; the completions table's advantages are one per completion."""
+    from conftest import build_model
+    from online_helpers import deterministic_rollout, length_reward, online_args, prompts_dataset
+
+    trainer = OnlineNCATrainer(
+        model=build_model(tokenizer),
+        reward_funcs=length_reward,
+        args=online_args(tmp_path, reference="initial", num_generations=2),
+        train_dataset=prompts_dataset(),
+        processing_class=tokenizer,
+        rollout_func=deterministic_rollout,
+    )
+    message = "TRL contract broken: GRPOTrainer's scoring output changed"
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in (0, 0, 1, 1)])
+    for key in ["prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "ref_per_token_logps"]:
+        assert isinstance(batch.get(key), torch.Tensor) and batch[key].size(0) == 4, (message, key)
+    assert batch["ref_per_token_logps"].shape == batch["completion_ids"].shape, message
+    assert trainer._rewards_per_func.shape == (4, 1), message
+    assert len(trainer._logs["advantages"]) == 4, message
+    logps, entropies, aux = trainer._get_per_token_logps_and_entropies(
+        trainer.model,
+        torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1),
+        torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1),
+        batch["completion_ids"].size(1),
+        compute_entropy=True,
+    )
+    assert logps.shape == entropies.shape == batch["completion_ids"].shape and aux is None, message
+
+
+def test_transformers_cache_hooks_the_prompt_cache_layout_relies_on(tokenizer, model):
+    """The prompt-cache layout passes its own caches to the decoder (as `cache`, or `past_key_values` before) and
+    marks the layers `_can_checkpoint_with_cache` so that gradient checkpointing keeps them."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    assert hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache"), (
+        "transformers contract broken: GradientCheckpointingLayer._can_checkpoint_with_cache is gone"
+    )
+    parameters = inspect.signature(LlamaModel.forward).parameters
+    assert "cache" in parameters or "past_key_values" in parameters, "transformers contract broken: no cache argument"

@@ -5,6 +5,8 @@ from .data import LAYOUTS, convert_to_k_responses, detect_layout, to_k_responses
 from .generation import build_reward_dataset
 from .layouts import DataCollatorForKResponses, DataCollatorForSharedPrompt
 from .losses import infonca_loss, nca_loss, soft_labels
+from .online_config import OnlineNCAConfig
+from .online_trainer import OnlineInfoNCATrainer, OnlineNCATrainer
 from .trainer import InfoNCATrainer, NCATrainer
 
 __version__ = "0.1.0"
@@ -16,6 +18,9 @@ __all__ = [
     "InfoNCATrainer",
     "NCAConfig",
     "NCATrainer",
+    "OnlineInfoNCATrainer",
+    "OnlineNCAConfig",
+    "OnlineNCATrainer",
     "build_reward_dataset",
     "convert_to_k_responses",
     "detect_layout",

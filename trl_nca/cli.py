@@ -9,17 +9,18 @@ from __future__ import annotations
 import os
 import sys
 
-USAGE = """usage: trl-nca {nca,infonca} --config RECIPE.yaml [--field value ...]
+USAGE = """usage: trl-nca {nca,infonca,online} --config RECIPE.yaml [--field value ...]
        trl-nca prepare {ultrafeedback SOURCE,smollm2} --output_dir DIR [options]
        trl-nca generate --model DIR --output_dir DIR [--task arithmetic | --prompts FILE] [--reward SPEC] [--k 4]
        trl-nca demo [--quick] [--output_dir runs/demo]
        trl-nca plot OUTPUT_DIR
 
-  nca        train with NCA (Noise Contrastive Alignment)
-  infonca    train with InfoNCA
+  nca        train with NCA (Noise Contrastive Alignment) on scored responses
+  infonca    train with InfoNCA on scored responses
+  online     online NCA (or --objective infonca): sample K completions per prompt, score them, learn, repeat
   prepare    write a canonical K-response dataset (prompt, completions, rewards) with save_to_disk
   generate   sample K responses per prompt from a model, score them, and save the reward dataset
-  demo       the main job: SmolLM2 learns arithmetic from its own scored samples with NCA (CPU is fine)
+  demo       the main job: SmolLM2 learns arithmetic from its own scored samples (CPU is fine)
   plot       plot the likelihood trend and reward accuracy of a finished run
 """
 
@@ -30,10 +31,18 @@ def _accelerator_available() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-def _train(algorithm: str, argv: list[str]) -> int:
-    from .scripts.train import main, make_parser
+def _train(command: str, argv: list[str]) -> int:
+    if command == "online":
+        from .scripts.online import main, make_parser
+    else:
+        from functools import partial
 
-    parser = make_parser(prog=f"trl-nca {algorithm}")
+        from .scripts.train import main as train_main
+        from .scripts.train import make_parser
+
+        main = partial(train_main, algorithm=command)
+
+    parser = make_parser(prog=f"trl-nca {command}")
     on_cpu = not _accelerator_available()
     if on_cpu:
         # DPOConfig's bf16=True default is ~12x slower on CPU (and refused without use_cpu): choose float32 here.
@@ -44,7 +53,7 @@ def _train(algorithm: str, argv: list[str]) -> int:
     if on_cpu and (training_args.bf16 or training_args.fp16):
         print(_one_line("this recipe needs a GPU (it sets bf16 or fp16); on CPU add --bf16 false"), file=sys.stderr)
         return 2
-    trainer = main(script_args, training_args, model_args, dataset_args, algorithm=algorithm)
+    trainer = main(script_args, training_args, model_args, dataset_args)
     if trainer.accelerator.num_processes > 1:
         # Seen with gloo on CPU: the DDP reducer outlives `destroy_process_group`, and the group's destructor then
         # waits forever on a peer that has already exited. The run is finished and saved: leave without destructors.
@@ -67,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     # TrlParser reads sys.argv; give it the arguments that follow the subcommand
     sys.argv = [f"trl-nca {command}", *rest]
     try:
-        if command in {"nca", "infonca"}:
+        if command in {"nca", "infonca", "online"}:
             return _train(command, rest)
         if command == "prepare":
             from .scripts.prepare import cli as prepare_cli
@@ -86,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return plot_cli(rest)
         print(
-            _one_line(f"unknown command {command!r}; choose from nca, infonca, prepare, generate, demo, plot"),
+            _one_line(f"unknown command {command!r}; choose from nca, infonca, online, prepare, generate, demo, plot"),
             file=sys.stderr,
         )
         return 2

@@ -90,13 +90,12 @@ class NCAConfig(DPOConfig):
                 "trainer class: NCATrainer on pairs is TRL's 'nca_pair' loss, InfoNCATrainer on pairs is DPO's "
                 "'sigmoid' loss. Leave it at its default or name the loss of the trainer you use."
             )
-        for name, off in _DPO_ONLY_FIELDS.items():
-            if getattr(self, name) != off:
-                raise ValueError(
-                    f"`{name}={getattr(self, name)!r}` has no meaning for NCA or InfoNCA, whose loss is fixed by the "
-                    f"trainer class; leave it at its default ({off!r}). NCATrainer on pairs is TRL's 'nca_pair' loss, "
-                    "InfoNCATrainer on pairs is DPO's 'sigmoid' loss."
-                )
+        refuse_changed(
+            self,
+            _DPO_ONLY_FIELDS,
+            "has no meaning for NCA or InfoNCA, whose loss is fixed by the trainer class",
+            "NCATrainer on pairs is TRL's 'nca_pair' loss, InfoNCATrainer on pairs is DPO's 'sigmoid' loss.",
+        )
         check_beta_and_temperature(self.beta, self.reward_temperature)
         if self.prompt_sharing not in PROMPT_SHARING:
             raise ValueError(f"`prompt_sharing` must be one of {PROMPT_SHARING}, got {self.prompt_sharing!r}.")
@@ -125,3 +124,13 @@ def check_beta_and_temperature(beta: float, reward_temperature: float) -> None:
             f"`reward_temperature` must be a finite number >= 0 (0 = hard argmax on the best response), got "
             f"{reward_temperature}."
         )
+
+
+def refuse_changed(config, defaults: dict, meaning: str, hint: str) -> None:
+    """A `ValueError` for the first field of `defaults` (name -> the value that leaves it off) that `config` sets
+    otherwise: a setting the trainer would silently ignore."""
+    for name, off in defaults.items():
+        if getattr(config, name) != off:
+            raise ValueError(
+                f"`{name}={getattr(config, name)!r}` {meaning}; leave it at its default ({off!r}). {hint}"
+            )

@@ -45,6 +45,7 @@ class RowError(ValueError):
         text = re.sub(r"^Row [^,]*, ", "", str(self)).split(", got ")[0].split("; ")[0]
         return re.sub(r"\d+", "N", text).rstrip(".")
 
+
 _RANKED_COLUMN = re.compile(r"^A(\d+)$")
 
 
@@ -90,7 +91,8 @@ def _reward(value: Any, row: int | None, column: str) -> float:
 
 def _check_training_dtype(rewards: list[float], row: int | None, column: str) -> None:
     """Rewards reach the loss as float32: each must stay finite there, and different rewards must stay different."""
-    cast = np.asarray(rewards, dtype=np.float64).astype(np.float32)
+    with np.errstate(over="ignore"):  # an overflow is what is checked for below
+        cast = np.asarray(rewards, dtype=np.float64).astype(np.float32)
     for k, (value, low) in enumerate(zip(rewards, cast)):
         if not np.isfinite(low):
             raise RowError(
@@ -109,9 +111,7 @@ def _check_training_dtype(rewards: list[float], row: int | None, column: str) ->
 
 def _message_list(value: Any, row: int | None, column: str) -> None:
     if not value:
-        raise RowError(
-            f"Row {row}, column '{column}': empty message list; a conversation needs at least one message."
-        )
+        raise RowError(f"Row {row}, column '{column}': empty message list; a conversation needs at least one message.")
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
             raise RowError(
@@ -150,9 +150,7 @@ def _check_row(
     column (its items are `column[k]`) or one column per response."""
     name = column if isinstance(column, str) else ", ".join(column)
     if not isinstance(completions, (list, tuple)):
-        raise RowError(
-            f"Row {row}, column '{name}': expected a list of responses, got {type(completions).__name__}."
-        )
+        raise RowError(f"Row {row}, column '{name}': expected a list of responses, got {type(completions).__name__}.")
     if len(completions) < 2:
         raise RowError(
             f"Row {row}, column '{name}': expected at least 2 responses, got {len(completions)}. NCA and InfoNCA "

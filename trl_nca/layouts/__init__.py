@@ -1,73 +1,175 @@
-"""Layouts: how a batch of K-response rows (token ids) becomes model inputs.
+"""Layouts: how a batch of K-response rows (token ids) becomes model inputs, and which one to use.
 
 - `padded` (`DataCollatorForKResponses`): sum(K_i) prompt+response sequences, right-padded. Works everywhere.
-- `shared_prompt` (`DataCollatorForSharedPrompt`): each row's prompt once, its responses after it, a 4D mask that
-  keeps responses apart. Needs an attention implementation that takes a custom mask.
+- `mask` (`DataCollatorForSharedPrompt`): each row's prompt once and its responses after it, in one sequence with a
+  4D mask that keeps the responses apart. Needs an attention implementation that takes a custom mask.
+- `cache` (`DataCollatorForPromptCache`): each row's prompt run once, each response on top of its keys and values.
+  Any attention implementation; one forward per prompt and per response.
 
-Every layout returns the same per-row tensors (`response_mask`, `rewards`, `ordered`, `ref_logps`) and a
-`response_ids` map from token positions to responses, so the trainer sums per-token log-probabilities the same way
-whatever the layout. `choose_layout` decides which one a trainer uses; `model_inputs` turns a batch into the keyword
-arguments of the model's forward. Their costs are measured in `docs/layouts.md`.
+Every layout returns the same per-row tensors (`response_mask`, `rewards`, `ordered`, `ref_logps`) and `num_tokens`,
+so the trainer's loss and metrics do not depend on the layout. `choose_layout` says which layouts a setting allows,
+`layout_cost` estimates each one's cost for a batch, and `DataCollatorForAnyLayout` builds every batch in the
+cheapest allowed layout (`prompt_sharing="auto"`). The cost model and its check against measurements are in
+`docs/layouts.md`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from transformers.data.data_collator import DataCollatorMixin
 
 from .padded import DataCollatorForKResponses, per_response_values
+from .prompt_cache import (
+    CALL_OVERHEAD_TOKENS,
+    DataCollatorForPromptCache,
+    padded_sequences,
+    plan_calls,
+    response_owner,
+)
 from .shared_prompt import SUPPORTED_ATTENTION, DataCollatorForSharedPrompt, attention_mask_for, block_mask_for
 
-PROMPT_SHARING = ("auto", "on", "off")
+LAYOUT_NAMES = ("padded", "mask", "cache")
+# "auto": the cheapest allowed layout per batch; "on": the cheapest allowed layout that shares the prompt;
+# "off", "mask", "cache": that layout (an error where it cannot work)
+PROMPT_SHARING = ("auto", "on", "off", "mask", "cache")
 
-# Keys of a collated batch that go into the model's forward; the rest are for the loss and the metrics
+# Keys of a collated batch that go into the model's forward, by layout; the rest are for the loss and the metrics
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+CACHE_INPUTS = (
+    "prompt_input_ids",
+    "prompt_lengths",
+    "response_input_ids",
+    "response_lengths",
+    "response_rows",
+    "response_calls",
+)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost model needs to know of a model: hidden size, layers, parameters of the body (a token's matmul
+    work is about 2 x that), and how its attention handles a custom mask (`"dense"`: every masked score is still
+    computed, `sdpa`/`eager`; `"blocks"`: fully masked blocks are skipped, `flex_attention`)."""
+
+    hidden_size: int
+    num_layers: int
+    body_params: int
+    attention: str = "dense"
+
+    @classmethod
+    def of(cls, model) -> ModelShape:
+        config = model.config.get_text_config()
+        embeddings = model.get_input_embeddings().weight.numel()
+        total = sum(p.numel() for p in model.parameters())
+        head = 0 if getattr(config, "tie_word_embeddings", False) else model.get_output_embeddings().weight.numel()
+        attention = "blocks" if config._attn_implementation == "flex_attention" else "dense"
+        return cls(config.hidden_size, config.num_hidden_layers, max(total - embeddings - head, 1), attention)
+
+
+# Time per multiply-add of masked attention over that of the matmuls, measured on the 2-core CPU (docs/layouts.md)
+ATTENTION_SLOWDOWN = 3
+
+
+def layout_cost(layout: str, rows: list[tuple[int, list[int]]], shape: ModelShape) -> float:
+    """Estimated forward work (in multiply-adds) of a batch of `rows`, each `(prompt length, [response lengths])`,
+    in `layout`: the matmul work of every token computed, the attention scores computed, and a fixed cost per
+    forward call. The LM head is left out: every layout scores the same response tokens."""
+    per_token = 2 * shape.body_params
+    # q.k and attention x v; masked attention runs at about a third of the matmuls' rate (softmax, masking, memory
+    # traffic), which ATTENTION_SLOWDOWN carries
+    per_score = 2 * shape.hidden_size * shape.num_layers * ATTENTION_SLOWDOWN
+    if layout == "padded":
+        length = max(p + r for p, responses in rows for r in responses)
+        sequences = sum(len(responses) for _, responses in rows)
+        tokens, scores, calls = sequences * length, sequences * length * length, 1
+    elif layout == "mask":
+        length = max(p + sum(responses) + len(responses) - 1 for p, responses in rows)
+        tokens, calls = len(rows) * length, 1
+        if shape.attention == "blocks":  # only the prompt and each response's own causal block
+            scores = sum(p * p / 2 + sum(r * (p + r / 2) for r in responses) for p, responses in rows)
+        else:
+            scores = len(rows) * length * length
+    elif layout == "cache":
+        tokens, scores, calls = 0, 0, 0
+        for p, responses in rows:
+            planned = plan_calls(responses)
+            tokens += p - 1
+            scores += (p - 1) * (p - 1)
+            calls += 1 + len(set(planned))
+            for call in set(planned):
+                width = max(r for r, c in zip(responses, planned) if c == call) + 1
+                tokens += planned.count(call) * width
+                scores += planned.count(call) * width * (p - 1 + width)
+    else:
+        raise ValueError(f"Unknown layout {layout!r}; layouts: {LAYOUT_NAMES}")
+    return tokens * per_token + scores * per_score + calls * CALL_OVERHEAD_TOKENS * per_token
 
 
 @dataclass(frozen=True)
 class LayoutChoice:
-    """The layout a trainer uses (`"padded"` or `"shared_prompt"`), and why the shared prompt is off, if it is."""
+    """The layouts a setting allows (in order of preference on equal cost), and why the others are out."""
 
-    name: str
-    fallback_reason: str | None = None
+    allowed: tuple[str, ...]
+    reasons: dict = field(default_factory=dict)
 
 
 def choose_layout(
-    prompt_sharing: str, attn_implementation: str, truncation_mode: str, router_loss: bool = False
+    prompt_sharing: str,
+    attn_implementation: str,
+    truncation_mode: str,
+    router_loss: bool = False,
+    cache_blocker: str | None = None,
 ) -> LayoutChoice:
-    """The layout for a `prompt_sharing` setting on a model with `attn_implementation`.
+    """The layouts a `prompt_sharing` setting allows on a model with `attn_implementation`.
 
-    `"off"` is the padded layout. `"auto"` is the shared-prompt layout where it can work (an attention implementation
-    in `SUPPORTED_ATTENTION`, `keep_start` truncation, and no MoE `router_loss`, whose load-balancing term reads a
-    2D attention mask), else the padded one with the reason. `"on"` raises a `ValueError` with the reason where the
-    shared prompt cannot work.
+    `mask` needs an attention implementation in `SUPPORTED_ATTENTION`; both prompt-sharing layouts need `keep_start`
+    truncation and no MoE router loss (its load-balancing term reads a 2D attention mask); `cache` is also out for
+    the reason `cache_blocker` gives, if any (a sliding-window model, reentrant gradient checkpointing, sharded
+    parameters). A setting that names a layout which cannot work raises a `ValueError` with the reason.
     """
     if prompt_sharing not in PROMPT_SHARING:
         raise ValueError(f"`prompt_sharing` must be one of {PROMPT_SHARING}, got {prompt_sharing!r}.")
-    if prompt_sharing == "off":
-        return LayoutChoice("padded")
-    reason = None
-    if attn_implementation not in SUPPORTED_ATTENTION:
-        reason = (
-            f"attn_implementation={attn_implementation!r} cannot take its custom 4D mask (supported: "
-            f"{SUPPORTED_ATTENTION})"
-        )
-    elif truncation_mode != "keep_start":
-        reason = f"truncation_mode={truncation_mode!r} (it supports 'keep_start')"
+    reasons = {}
+    shared_reason = None
+    if truncation_mode != "keep_start":
+        shared_reason = f"truncation_mode={truncation_mode!r} (prompt sharing supports 'keep_start')"
     elif router_loss:
-        reason = "the model's MoE router loss is on, and its load-balancing term needs a 2D attention mask"
-    if reason is None:
-        return LayoutChoice("shared_prompt")
-    if prompt_sharing == "on":
-        raise ValueError(f"prompt_sharing='on' is not possible here: {reason}. Use 'auto' or 'off'.")
-    return LayoutChoice("padded", reason)
+        shared_reason = "the model's MoE router loss is on, and its load-balancing term needs a 2D attention mask"
+    if shared_reason:
+        reasons = {"mask": shared_reason, "cache": shared_reason}
+    else:
+        if attn_implementation not in SUPPORTED_ATTENTION:
+            reasons["mask"] = (
+                f"attn_implementation={attn_implementation!r} cannot take its custom 4D mask (supported: "
+                f"{SUPPORTED_ATTENTION})"
+            )
+        if cache_blocker:
+            reasons["cache"] = cache_blocker
+    wanted = {
+        "auto": ("cache", "mask", "padded"),
+        "on": ("cache", "mask"),
+        "off": ("padded",),
+        "mask": ("mask",),
+        "cache": ("cache",),
+    }[prompt_sharing]
+    allowed = tuple(name for name in wanted if name not in reasons)
+    if not allowed:
+        why = "; ".join(f"{name}: {reasons[name]}" for name in wanted)
+        raise ValueError(f"prompt_sharing={prompt_sharing!r} is not possible here ({why}). Use 'auto' or 'off'.")
+    return LayoutChoice(allowed, {name: reason for name, reason in reasons.items() if name in wanted})
 
 
 def make_collator(layout: str, *, pad_token_id: int, max_length: int | None, truncation_mode: str, pad_to_multiple_of):
-    """The collator of a layout name returned by `choose_layout`."""
-    if layout == "shared_prompt":
+    """The collator of one layout name."""
+    if layout == "mask":
         return DataCollatorForSharedPrompt(
+            pad_token_id=pad_token_id, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of
+        )
+    if layout == "cache":
+        return DataCollatorForPromptCache(
             pad_token_id=pad_token_id, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of
         )
     return DataCollatorForKResponses(
@@ -78,10 +180,48 @@ def make_collator(layout: str, *, pad_token_id: int, max_length: int | None, tru
     )
 
 
+@dataclass
+class DataCollatorForAnyLayout(DataCollatorMixin):
+    """Build each batch in the cheapest of `layouts` by `layout_cost` for its own lengths (ties: the first listed).
+    `counts` records how many batches went to each layout."""
+
+    collators: dict[str, Any]
+    shape: ModelShape
+    max_length: int | None = None
+    return_tensors: str = "pt"
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def choose(self, examples: list[dict[str, Any]]) -> str:
+        budget = self.max_length
+
+        def truncated(prompt, response):
+            return response if budget is None else min(response, max(budget - prompt, 0))
+
+        rows = [
+            (len(e["prompt_ids"]), [truncated(len(e["prompt_ids"]), len(c)) for c in e["completion_ids"]])
+            for e in examples
+        ]
+        return min(self.collators, key=lambda name: layout_cost(name, rows, self.shape))
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        layout = self.choose(examples)
+        self.counts[layout] = self.counts.get(layout, 0) + 1
+        return self.collators[layout](examples)
+
+
+def layout_of(batch: dict) -> str:
+    """The layout a collated batch is in."""
+    if "prompt_input_ids" in batch:
+        return "cache"
+    return "mask" if batch["attention_mask"].dim() == 4 else "padded"
+
+
 def model_inputs(batch: dict, attn_implementation: str, mask_dtype: torch.dtype) -> dict:
-    """The forward's keyword arguments for a collated batch: the shared-prompt layout's 4D mask in the form the
-    attention implementation takes (boolean for `sdpa`, additive in `mask_dtype` for `eager`, a block mask for
-    `flex_attention`)."""
+    """The forward's keyword arguments for a collated batch: the prompt-cache layout's tensors, or the sequences
+    with the shared-prompt layout's 4D mask in the form the attention implementation takes (boolean for `sdpa`,
+    additive in `mask_dtype` for `eager`, a block mask for `flex_attention`)."""
+    if "prompt_input_ids" in batch:
+        return {key: batch[key] for key in CACHE_INPUTS}
     kwargs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
     if kwargs["attention_mask"].dim() == 4:
         if attn_implementation == "flex_attention":
@@ -92,13 +232,21 @@ def model_inputs(batch: dict, attn_implementation: str, mask_dtype: torch.dtype)
 
 
 __all__ = [
+    "LAYOUT_NAMES",
     "PROMPT_SHARING",
     "SUPPORTED_ATTENTION",
+    "DataCollatorForAnyLayout",
     "DataCollatorForKResponses",
+    "DataCollatorForPromptCache",
     "DataCollatorForSharedPrompt",
     "LayoutChoice",
+    "ModelShape",
     "choose_layout",
+    "layout_cost",
+    "layout_of",
     "make_collator",
     "model_inputs",
+    "padded_sequences",
     "per_response_values",
+    "response_owner",
 ]

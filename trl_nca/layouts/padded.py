@@ -17,7 +17,8 @@ class DataCollatorForKResponses(DataCollatorMixin):
     Each example holds `prompt_ids` (list of ints), `completion_ids` (K_i lists of ints), `rewards` (K_i floats) and,
     when precomputed, `ref_logps` (K_i floats). The sequences come row by row, response by response, so sequence n
     is the n-th True entry of `response_mask` in row-major order: `logps_bk[response_mask] = logps_flat` puts every
-    log-probability back at its (prompt, response) slot. `response_ids` gives, for each completion token, the index
+    log-probability back at its (prompt, response) slot; `num_tokens` counts the real (not padding) tokens.
+    `response_ids` gives, for each completion token, the index
     of its response (-1 elsewhere); the trainer sums per-token log-probabilities by it, so a layout that puts several
     responses in one sequence (`DataCollatorForSharedPrompt`) slots in behind the same trainer code.
 
@@ -86,6 +87,7 @@ class DataCollatorForKResponses(DataCollatorMixin):
             "attention_mask": padded(attention_mask, 0),
             "completion_mask": padded(completion_mask, 0),
             "response_ids": padded(response_ids, -1),
+            "num_tokens": torch.tensor(sum(len(ids) for ids in input_ids)),
         }
         batch.update(per_response_values(examples))
         return batch

@@ -141,6 +141,7 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
             "response_ids": response_ids,
             "segment_ids": segment_ids,
             "row_ids": row_ids,
+            "num_tokens": padding_mask.sum(),
         }
         batch.update(per_response_values(examples))
         return batch

@@ -88,6 +88,33 @@ def load_any_dataset(name: str, config: str | None = None, streaming: bool = Fal
     return load_dataset(str(path), name=config, streaming=streaming)
 
 
+def load_splits(script_args, training_args, dataset_args):
+    """The train split and, when evaluating, the test split of `--dataset_name` (or `--datasets`)."""
+    if dataset_args.datasets:
+        from trl import get_dataset
+
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        dataset = load_any_dataset(
+            script_args.dataset_name, script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
+    else:
+        raise ValueError("No dataset: set `dataset_name` (a hub id or a local path) or `datasets`.")
+    splits = list(dataset)
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(f"No split '{script_args.dataset_train_split}' in the dataset; it has {splits}.")
+    train = dataset[script_args.dataset_train_split]
+    evaluate = None
+    if training_args.eval_strategy != "no":
+        if script_args.dataset_test_split not in dataset:
+            raise ValueError(
+                f"eval_strategy={training_args.eval_strategy} needs the split '{script_args.dataset_test_split}', "
+                f"but the dataset has {splits}; set --dataset_test_split or --eval_strategy no."
+            )
+        evaluate = dataset[script_args.dataset_test_split]
+    return train, evaluate
+
+
 def first_split(dataset: DatasetDict | Dataset) -> Dataset:
     return dataset if isinstance(dataset, Dataset) else dataset[next(iter(dataset))]
 
@@ -197,3 +224,34 @@ def run_summary(trainer, train_metrics: dict, resumed_from: str | None = None) -
         )
     lines.append(f"  model saved to:     {trainer.args.output_dir}")
     return "\n".join(lines)
+
+
+def run_training(build, script_args, training_args, model_args, dataset_args, callbacks=None):
+    """What every training command does around its trainer: check the model argument, load the splits, find the
+    checkpoint to resume from, build the trainer with `build(model=..., args=..., ...)` (TRL's `ModelConfig`
+    quantization and PEFT configs), train, save, print the summary, push if asked; returns the trainer."""
+    from trl.trainer.utils import get_peft_config, get_quantization_config
+
+    model = check_model(model_args.model_name_or_path)
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    train_dataset, eval_dataset = load_splits(script_args, training_args, dataset_args)
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    with model_not_found_as_one_line(model):
+        trainer = build(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            quantization_config=get_quantization_config(model_args),
+            peft_config=get_peft_config(model_args),
+            callbacks=callbacks,
+        )
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        print(run_summary(trainer, result.metrics, resumed_from=checkpoint))
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish trackers and the process group
+        trainer.end()
+    return trainer

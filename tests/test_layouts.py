@@ -1,0 +1,252 @@
+"""The layouts (padded, shared prompt with a mask, prompt cache) against separate forwards and against each other,
+the response-only LM head against TRL's fused head, and the choice of layout."""
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+from helpers import k_response_dataset, nca_args
+from peft import LoraConfig
+from trl.trainer.utils import add_fused_lm_head
+
+from trl_nca import InfoNCATrainer, NCATrainer
+from trl_nca.layouts import (
+    DataCollatorForAnyLayout,
+    DataCollatorForKResponses,
+    DataCollatorForPromptCache,
+    DataCollatorForSharedPrompt,
+    ModelShape,
+    choose_layout,
+    layout_cost,
+)
+
+COLLATORS = {
+    "padded": lambda pad: DataCollatorForKResponses(pad_token_id=pad),
+    "mask": lambda pad: DataCollatorForSharedPrompt(pad_token_id=pad),
+    "mask-packed": lambda pad: DataCollatorForSharedPrompt(pad_token_id=pad, pack_rows=True),
+    "cache": lambda pad: DataCollatorForPromptCache(pad_token_id=pad),
+}
+
+
+def separate_logps(model, rows):
+    """Each prompt+response in its own forward, scored with a plain float64 log-softmax over full logits."""
+    out = []
+    with torch.no_grad():
+        for row in rows:
+            for completion in row["completion_ids"]:
+                ids = torch.tensor([row["prompt_ids"] + completion])
+                logits = model(input_ids=ids).logits[0, :-1].double()
+                logps = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+                out.append(logps[len(row["prompt_ids"]) - 1 :].sum())
+    return torch.stack(out)
+
+
+def make_trainer(tokenizer, model, tmp_path, attn="sdpa", cls=NCATrainer, ref_model=None, **overrides):
+    for m in (model, ref_model):
+        if m is not None:
+            m.config._attn_implementation = attn
+    return cls(
+        model=model,
+        ref_model=ref_model,
+        args=nca_args(tmp_path, **overrides),
+        train_dataset=k_response_dataset(),
+        processing_class=tokenizer,
+    )
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("layout", ["padded", "mask", "mask-packed", "cache"])
+def test_every_layout_gives_the_log_probs_of_separate_forwards(attn, layout, tokenizer, model, other_model, tmp_path):
+    trainer = make_trainer(tokenizer, model, tmp_path, attn=attn, ref_model=other_model)
+    rows = [trainer.train_dataset[i] for i in range(5)]  # ragged: K = 4, 2, 3, 4, 3
+    batch = COLLATORS[layout](tokenizer.pad_token_id)(rows)
+    with torch.no_grad():
+        policy, _, _ = trainer._sequence_logps(trainer.model, batch)
+    reference = trainer.compute_ref_log_probs(trainer.ref_model, batch)[batch["response_mask"]]
+    torch.testing.assert_close(policy.double(), separate_logps(trainer.model, rows), atol=1e-4, rtol=0)
+    torch.testing.assert_close(reference.double(), separate_logps(trainer.ref_model, rows), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [NCATrainer, InfoNCATrainer])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("layout", ["mask", "cache"])
+def test_same_loss_and_gradients_as_the_padded_layout(cls, attn, layout, tokenizer, model, other_model, tmp_path):
+    results = {}
+    for sharing in ["off", layout]:
+        trainer = make_trainer(
+            tokenizer, copy.deepcopy(model), tmp_path, attn, cls, copy.deepcopy(other_model),
+            prompt_sharing=sharing, reward_temperature=0.5,
+        )  # fmt: skip
+        expected = {"off": DataCollatorForKResponses, "mask": DataCollatorForSharedPrompt}.get(
+            sharing, DataCollatorForPromptCache
+        )
+        assert type(trainer.data_collator) is expected
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        results[sharing] = (loss.detach(), {n: p.grad for n, p in trainer.model.named_parameters()})
+    torch.testing.assert_close(results[layout][0], results["off"][0], atol=1e-5, rtol=1e-5)
+    for name, grad in results["off"][1].items():
+        torch.testing.assert_close(results[layout][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["mask", "cache"])
+def test_a_response_never_sees_another(layout, tokenizer, model, tmp_path):
+    trainer = make_trainer(tokenizer, model, tmp_path, prompt_sharing=layout)
+    row = trainer.train_dataset[0]  # four responses
+    changed = {**row, "completion_ids": [row["completion_ids"][0], [5, 6, 7, 8, 9, 10], *row["completion_ids"][2:]]}
+    with torch.no_grad():
+        before, _, _ = trainer._sequence_logps(trainer.model, trainer.data_collator([row]))
+        after, _, _ = trainer._sequence_logps(trainer.model, trainer.data_collator([changed]))
+    assert not torch.isclose(before[1], after[1])
+    torch.testing.assert_close(after[[0, 2, 3]], before[[0, 2, 3]], atol=1e-6, rtol=0)
+
+
+def test_tokens_fed_by_each_layout():
+    rows = [
+        {"prompt_ids": list(range(1, 101)), "completion_ids": [[7] * 30, [8] * 50, [9] * 10], "rewards": [0, 1, 2]}
+    ]
+    ideal = 100 + 30 + 50 + 10
+    shared = DataCollatorForSharedPrompt(pad_token_id=0)(rows)
+    one_call_each = DataCollatorForPromptCache(pad_token_id=0, call_overhead_tokens=0)(rows)
+    cache = DataCollatorForPromptCache(pad_token_id=0)(rows)
+    padded = DataCollatorForKResponses(pad_token_id=0)(rows)
+    assert int(shared["num_tokens"]) == ideal + 2  # one copy of the prompt's last token per extra response
+    # prompt[:-1], then each response after the prompt's last token: the ideal plus one per response
+    assert (
+        sorted(one_call_each["response_calls"].tolist()) == [0, 1, 2] and int(one_call_each["num_tokens"]) == ideal + 2
+    )
+    # with a cost per call, responses share calls where the padding costs less: here all three in one
+    assert cache["response_calls"].tolist() == [0, 0, 0] and int(cache["num_tokens"]) == 99 + 3 * 51
+    assert int(padded["num_tokens"]) == 3 * 100 + 90 and padded["input_ids"].numel() == 3 * 150
+    assert shared["completion_mask"].sum() == padded["completion_mask"].sum() == cache["response_lengths"].sum() == 90
+
+
+def test_truncation_scores_the_same_tokens_in_every_layout():
+    rows = [{"prompt_ids": [1, 2, 3], "completion_ids": [[4, 5, 6, 7], [8]], "rewards": [1.0, 0.0]}]
+    shared = DataCollatorForSharedPrompt(pad_token_id=0, max_length=5)(rows)
+    padded = DataCollatorForKResponses(pad_token_id=0, max_length=5)(rows)
+    cache = DataCollatorForPromptCache(pad_token_id=0, max_length=5)(rows)
+    assert shared["input_ids"].tolist() == [[1, 2, 3, 4, 5, 3, 8]]
+    assert cache["response_input_ids"].tolist() == [[3, 4, 5], [3, 8, 0]]
+    assert shared["completion_mask"].sum() == padded["completion_mask"].sum() == cache["response_lengths"].sum() == 3
+
+
+def test_response_head_equals_trls_fused_head(tokenizer, model):
+    """The response-only head gives TRL's fused head's log-probabilities, entropy and top-1 (float32, 1e-5), and the
+    same gradients, also when chunks are recomputed in the backward pass instead of kept."""
+    from trl_nca import scoring
+
+    rows = [{"prompt_ids": [1, 5, 9], "completion_ids": [[20, 30, 40, 2], [50, 2]], "rewards": [1.0, 0.0]}] * 3
+    batch = DataCollatorForKResponses(pad_token_id=0)(rows)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    fused_model, ours_model = copy.deepcopy(model), copy.deepcopy(model)
+    add_fused_lm_head(fused_model, outputs=("log_probs", "entropy", "is_top1"))
+    scoring.add_response_head(ours_model)
+    fused = fused_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                        fused_lm_head=True)  # fmt: skip
+    scored = labels[:, 1:] != -100
+    fused.log_probs[scored].sum().backward()
+    for keep_bytes in [scoring.KEEP_BYTES, 1]:  # 1: every chunk recomputed in backward
+        ours_model.zero_grad()
+        scoring.KEEP_BYTES, saved = keep_bytes, scoring.KEEP_BYTES
+        scoring.CHUNK_TOKENS, chunk = 4, scoring.CHUNK_TOKENS
+        try:
+            ours = ours_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                              response_head=True)  # fmt: skip
+            ours.log_probs.sum().backward()
+        finally:
+            scoring.KEEP_BYTES, scoring.CHUNK_TOKENS = saved, chunk
+        assert torch.equal(ours.labelled, scored)
+        torch.testing.assert_close(ours.log_probs, fused.log_probs[scored], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.entropy, fused.entropy[scored], atol=1e-5, rtol=0)
+        assert torch.equal(ours.is_top1, fused.is_top1[scored].bool())
+        for (name, a), (_, b) in zip(ours_model.named_parameters(), fused_model.named_parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_layout_choice_and_its_errors(tokenizer, model, tmp_path, caplog):
+    assert choose_layout("auto", "sdpa", "keep_start").allowed == ("cache", "mask", "padded")
+    assert choose_layout("on", "flash_attention_2", "keep_start").allowed == ("cache",)
+    assert choose_layout("auto", "sdpa", "keep_end").allowed == ("padded",)
+    assert choose_layout("auto", "sdpa", "keep_start", cache_blocker="sliding").allowed == ("mask", "padded")
+    with pytest.raises(ValueError, match="prompt_sharing='mask' is not possible here \\(mask: attn_implementation="):
+        choose_layout("mask", "flash_attention_2", "keep_start")
+    with pytest.raises(ValueError, match="prompt_sharing='cache' is not possible here \\(cache: truncation_mode"):
+        choose_layout("cache", "sdpa", "keep_end")
+    with pytest.raises(ValueError, match="`prompt_sharing` must be one of"):
+        choose_layout("sometimes", "sdpa", "keep_start")
+    # In a trainer: flash_attention_2 keeps the cache and padded layouts, with one warning that says why
+    with caplog.at_level(logging.WARNING, logger="trl_nca"):
+        trainer = make_trainer(tokenizer, copy.deepcopy(model), tmp_path, attn="flash_attention_2")
+    assert set(trainer.data_collator.collators) == {"cache", "padded"}
+    warnings = [r.getMessage() for r in caplog.records if "Layouts for prompt_sharing='auto'" in r.getMessage()]
+    assert len(warnings) == 1 and "'mask' is out: attn_implementation='flash_attention_2'" in warnings[0]
+    with pytest.raises(ValueError, match="truncation_mode='keep_end'"):
+        make_trainer(tokenizer, copy.deepcopy(model), tmp_path, prompt_sharing="cache", truncation_mode="keep_end")
+    reentrant = {"use_reentrant": True}
+    with pytest.raises(ValueError, match="reentrant gradient checkpointing drops the gradient"):
+        make_trainer(tokenizer, copy.deepcopy(model), tmp_path, prompt_sharing="cache", gradient_checkpointing=True,
+                     gradient_checkpointing_kwargs=reentrant)  # fmt: skip
+
+
+def test_auto_builds_each_batch_in_the_cheapest_layout():
+    shape = ModelShape(hidden_size=576, num_layers=30, body_params=106_000_000)
+    long_prompt = [(120, [290, 250, 330, 300])]  # UltraFeedback-like: the prompt cache wins
+    short_equal = [
+        (2, [10, 10])
+    ]  # a 2-token prompt and equal responses: the cache's extra calls cost more than they save
+    costs = {name: layout_cost(name, long_prompt, shape) for name in ["padded", "mask", "cache"]}
+    assert min(costs, key=costs.get) == "cache" and costs["padded"] > costs["cache"] * 1.2
+    short = {name: layout_cost(name, short_equal, shape) for name in ["padded", "mask", "cache"]}
+    assert min(short, key=short.get) == "mask" and short["cache"] > short["padded"]
+    collator = DataCollatorForAnyLayout(
+        {name: COLLATORS[name](0) for name in ["cache", "mask", "padded"]}, shape, max_length=None
+    )
+    rows = [{"prompt_ids": list(range(1, 121)), "completion_ids": [[5] * r for r in [290, 250, 330, 300]],
+             "rewards": [1.0, 0.0, 2.0, 1.0]}]  # fmt: skip
+    assert "prompt_input_ids" in collator(rows) and collator.counts == {"cache": 1}
+    tiny = [{"prompt_ids": [1, 2], "completion_ids": [[5] * 10, [6] * 10], "rewards": [1.0, 0.0]}]
+    assert collator(tiny)["input_ids"].shape == (1, 23) and collator.counts == {"cache": 1, "mask": 1}
+
+
+@pytest.mark.parametrize("layout", ["mask", "cache"])
+def test_works_with_lora_gradient_checkpointing_and_precomputed_reference(layout, tokenizer, model, tmp_path):
+    losses = {}
+    for sharing in ["off", layout]:
+        lora = LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False
+        )
+        trainer = NCATrainer(
+            model=copy.deepcopy(model),
+            args=nca_args(
+                tmp_path,
+                prompt_sharing=sharing,
+                gradient_checkpointing=True,
+                precompute_ref_log_probs=True,
+                max_steps=2,
+            ),
+            train_dataset=k_response_dataset(),
+            processing_class=tokenizer,
+            peft_config=lora,
+        )
+        trainer.train()
+        losses[sharing] = [(e["loss"], e["grad_norm"]) for e in trainer.state.log_history if "loss" in e]
+    assert abs(losses[layout][0][0] - 2 * math.log(2)) > 1e-3  # a random adapter: the policy is not the reference
+    assert [v for pair in losses[layout] for v in pair] == pytest.approx(
+        [v for pair in losses["off"] for v in pair], rel=1e-4
+    )
+
+
+@pytest.mark.parametrize("pack_rows", [False, True])
+def test_flex_attention_block_mask_gives_the_log_probs_of_separate_forwards(pack_rows, tokenizer, model, tmp_path):
+    """FlexAttention's forward runs on CPU (its backward, i.e. training, needs a GPU in torch 2.13)."""
+    trainer = make_trainer(tokenizer, model, tmp_path, attn="flex_attention", prompt_sharing="mask")
+    rows = [trainer.train_dataset[i] for i in range(5)]
+    batch = DataCollatorForSharedPrompt(pad_token_id=tokenizer.pad_token_id, pack_rows=pack_rows)(rows)
+    with torch.no_grad():
+        policy, _, _ = trainer._sequence_logps(trainer.model, batch)
+    model.config._attn_implementation = "sdpa"  # the independent computation
+    torch.testing.assert_close(policy.double(), separate_logps(trainer.model, rows), atol=1e-4, rtol=0)

@@ -1,0 +1,246 @@
+"""Log-probabilities of response tokens only: a chunked LM head on the labelled positions, and the forward of each
+layout through it.
+
+TRL's fused LM head scores only labelled positions on Triton devices, but every position elsewhere (CPU included),
+and below its 32,768-token chunk it builds the full (positions x vocab) logits. A trainer needs only the response
+tokens: `add_response_head` patches a model so that `model(..., labels=labels, response_head=True)` runs the
+backbone, keeps the hidden states whose next-token label is not -100, and scores just those, a chunk at a time. The
+same patched forward runs the prompt-cache layout (`prompt_input_ids`, `response_input_ids`, ...): the prompt once,
+then each response on top of the prompt's keys and values, all inside one call of the model, so that DDP, FSDP and
+PEFT wrappers see one forward.
+
+`head_choice` decides per model and device which head a trainer uses; the choice is logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.utils import ModelOutput, logging
+
+logger = logging.get_logger(__name__)
+
+# Config attributes by which some architectures scale or cap their logits; our head does not reproduce them, so a
+# model that has one keeps TRL's fused head
+_LOGIT_TRANSFORMS = (
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+    "final_logit_softcapping",
+)
+
+# Rows of the (tokens x vocab) logits built at a time
+CHUNK_TOKENS = 1024
+# The log-softmax of a chunk is kept for the backward pass while the kept ones stay under this size; beyond it a
+# chunk is recomputed in the backward pass instead (memory bounded, one more head matmul for that chunk)
+KEEP_BYTES = 1 << 30
+
+
+@dataclass
+class ResponseHeadOutput(ModelOutput):
+    """`log_probs`, `entropy` and `is_top1` of each labelled position, flat `(N,)` in row-major order of the
+    positions (`labelled`, `(S, L-1)` bool, says which; the prompt-cache layout has no `(S, L)` shape and leaves it
+    `None`), and the MoE `aux_loss` when requested."""
+
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    labelled: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def head_choice(model, device: torch.device) -> tuple[str, str]:
+    """`("response", why)` for this module's head, or `("fused", why)` for TRL's: TRL's scores only labelled
+    positions on Triton devices (CUDA) with its kernels, so it is kept there; ours everywhere else, unless the model
+    scales or caps its logits in a way ours does not reproduce."""
+    config = model.config.get_text_config()
+    transform = next((name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)), None)
+    if transform is not None:
+        return "fused", f"the model's `{transform}` changes its logits"
+    if device.type == "cuda":
+        return "fused", "on CUDA, TRL's fused head already scores only labelled positions"
+    return "response", f"on {device.type}, TRL's fused head would score every position"
+
+
+def _log_probs_of_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor):
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    with torch.no_grad():
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        is_top1 = log_probs.argmax(-1) == labels
+    return log_probs.gather(-1, labels[:, None]).squeeze(-1), entropy, is_top1
+
+
+def response_log_probs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor):
+    """`(log_probs, entropy, is_top1)` of `labels` `(N,)` under the head applied to `hidden` `(N, H)`, float32,
+    `CHUNK_TOKENS` rows of logits at a time; chunks past `KEEP_BYTES` of kept log-softmax are recomputed in the
+    backward pass."""
+    weight, bias = lm_head.weight, lm_head.bias
+    if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as a DTensor; the hidden states are a plain tensor
+        weight = weight.full_tensor()
+        bias = None if bias is None else bias.full_tensor()
+    hidden = hidden.to(weight.device)
+    labels = labels.to(weight.device)
+    pieces, kept = [], 0
+    for start in range(0, hidden.size(0), CHUNK_TOKENS):
+        chunk = (hidden[start : start + CHUNK_TOKENS], weight, bias, labels[start : start + CHUNK_TOKENS])
+        kept += chunk[0].size(0) * weight.size(0) * 4
+        if kept > KEEP_BYTES and torch.is_grad_enabled():
+            pieces.append(torch.utils.checkpoint.checkpoint(_log_probs_of_chunk, *chunk, use_reentrant=False))
+        else:
+            pieces.append(_log_probs_of_chunk(*chunk))
+    if not pieces:
+        empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0  # keeps the graph connected
+        return empty, empty.detach(), torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    return tuple(torch.cat(parts) for parts in zip(*pieces))
+
+
+class _PrefixCache(DynamicCache):
+    """A cache holding a prompt's keys and values that every layer reads and none writes: `update` returns the
+    prompt's states (expanded, not copied, to the batch of responses) followed by the new ones, without storing them.
+    Several calls can share the prompt's states, and a gradient-checkpointing replay sees the same states again."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        batch = key_states.size(0)
+        keys = layer.keys.expand(batch, *layer.keys.shape[1:])
+        values = layer.values.expand(batch, *layer.values.shape[1:])
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+
+class _RecordingCache(DynamicCache):
+    """A cache that records the keys and values of the first pass through each layer (the prompt's) and returns
+    every pass's own states, so that a gradient-checkpointing replay does not append them a second time."""
+
+    def __init__(self):
+        super().__init__()
+        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.recorded.setdefault(layer_idx, (key_states, value_states))
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # the prompt forward starts at position 0, whatever was recorded
+
+
+@contextmanager
+def _caches_survive_checkpointing(backbone):
+    """Under gradient checkpointing, transformers drops a layer's cache unless the layer says that replaying it
+    leaves the cache as it was (`_can_checkpoint_with_cache`). `_PrefixCache` and `_RecordingCache` are built so that
+    a replay changes nothing, so the layers may keep them for the duration of the prompt-cache forward."""
+    layers = [m for m in backbone.modules() if hasattr(m, "_can_checkpoint_with_cache")]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache  # back to the class's value
+
+
+def _cache_argument(backbone) -> str:
+    """The name under which the backbone's forward takes a cache (`cache` since transformers 5.2x, before it
+    `past_key_values`)."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
+def _prompt_cache_hidden(
+    backbone, prompt_input_ids, prompt_lengths, response_input_ids, response_lengths, rows, calls
+):
+    """Hidden states of every response token's prediction and the tokens, for the prompt-cache layout: each row's
+    prompt (all but its last token) once, then each call's responses (each starting with the prompt's last token) as
+    one right-padded batch on top of the prompt's keys and values. Responses come back in their batch order."""
+    cache_argument = _cache_argument(backbone)
+    hidden, labels = [None] * len(response_lengths), [None] * len(response_lengths)
+    for row in range(prompt_input_ids.size(0)):
+        shared = int(prompt_lengths[row]) - 1
+        prefix = None
+        if shared > 0:
+            recording = _RecordingCache()
+            backbone(input_ids=prompt_input_ids[row : row + 1, :shared], use_cache=True, **{cache_argument: recording})
+            prefix = [recording.recorded[layer] for layer in sorted(recording.recorded)]
+        members_of_row = (rows == row).nonzero().flatten()
+        for call in calls[members_of_row].unique().tolist():
+            members = members_of_row[calls[members_of_row] == call]
+            lengths = response_lengths[members]  # response tokens, after the copy of the prompt's last token
+            width = int(lengths.max()) + 1
+            ids = response_input_ids[members, :width]
+            positions = torch.arange(shared, shared + width, device=ids.device).expand(len(members), -1)
+            attention_mask = None
+            if len(members) > 1:  # right padding among the call's responses; the prompt's keys are all real
+                real = torch.arange(width, device=ids.device)[None, :] <= lengths[:, None]
+                attention_mask = torch.cat([real.new_ones(len(members), shared), real], dim=1).long()
+            cache = _PrefixCache(ddp_cache_data=prefix) if prefix is not None else None
+            out = backbone(
+                input_ids=ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                use_cache=cache is not None,
+                **{cache_argument: cache},
+            )
+            for j, n in enumerate(members.tolist()):
+                length = int(lengths[j])
+                hidden[n], labels[n] = out.last_hidden_state[j, :length], ids[j, 1 : length + 1]
+    return torch.cat(hidden), torch.cat(labels)
+
+
+def add_response_head(model) -> None:
+    """Patch `model` (a causal LM, before PEFT wraps it or its base model after) so that `response_head=True` runs
+    the backbone and scores only the labelled positions: `labels` (as for a causal LM, shifted inside) for the padded
+    and shared-prompt layouts, or the prompt-cache layout's `prompt_input_ids`, `prompt_lengths`,
+    `response_input_ids`, `response_lengths`, `response_rows`, `response_calls`. Without `response_head` the forward
+    is unchanged."""
+    original_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, response_head=False, labels=None, **kwargs):
+        if not response_head:
+            return (
+                original_forward(*args, labels=labels, **kwargs)
+                if labels is not None
+                else original_forward(*args, **kwargs)
+            )
+        backbone = self.base_model
+        lm_head = self.get_output_embeddings()
+        if "prompt_input_ids" in kwargs:
+            with _caches_survive_checkpointing(backbone):
+                hidden, targets = _prompt_cache_hidden(
+                    backbone,
+                    kwargs["prompt_input_ids"],
+                    kwargs["prompt_lengths"],
+                    kwargs["response_input_ids"],
+                    kwargs["response_lengths"],
+                    kwargs["response_rows"],
+                    kwargs["response_calls"],
+                )
+            log_probs, entropy, is_top1 = response_log_probs(hidden, lm_head, targets)
+            return ResponseHeadOutput(log_probs=log_probs, entropy=entropy, is_top1=is_top1)
+        kwargs["use_cache"] = False
+        outputs = backbone(*args, **kwargs)
+        labels = labels[:, 1:]
+        labelled = labels != -100
+        # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones
+        states = outputs.last_hidden_state[:, -labels.size(1) - 1 : -1]
+        log_probs, entropy, is_top1 = response_log_probs(states[labelled], lm_head, labels[labelled])
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            config = self.config.get_text_config()
+            experts = getattr(config, "num_experts", None) or config.num_local_experts
+            aux_loss = load_balancing_loss_func(
+                outputs.router_logits, experts, config.num_experts_per_tok, kwargs.get("attention_mask")
+            )
+        return ResponseHeadOutput(
+            log_probs=log_probs, entropy=entropy, is_top1=is_top1, labelled=labelled, aux_loss=aux_loss
+        )
+
+    model.forward = types.MethodType(forward, model)
