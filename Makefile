@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # On a GPU machine, install the torch you want into .venv first, or set TORCH= (empty) to keep what is there.
 TORCH ?= torch==2.13.0
 
-# `make demo`: the main job (SmolLM2 learns arithmetic from its own scored samples with NCA); QUICK=1 is the
+# `make demo`: the main job (SmolLM2 learns arithmetic from its own scored samples with online NCA); QUICK=1 is the
 # reduced mode, OUT= the output folder.
 OUT ?= runs/demo
 QUICK ?=

@@ -3,7 +3,7 @@
 from .config import NCAConfig
 from .data import LAYOUTS, convert_to_k_responses, detect_layout, to_k_responses
 from .generation import build_reward_dataset
-from .layouts import DataCollatorForKResponses, DataCollatorForSharedPrompt
+from .layouts import DataCollatorForKResponses, DataCollatorForPromptCache, DataCollatorForSharedPrompt
 from .losses import infonca_loss, nca_loss, soft_labels
 from .online_config import OnlineNCAConfig
 from .online_trainer import OnlineInfoNCATrainer, OnlineNCATrainer
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LAYOUTS",
     "DataCollatorForKResponses",
+    "DataCollatorForPromptCache",
     "DataCollatorForSharedPrompt",
     "InfoNCATrainer",
     "NCAConfig",
