@@ -207,21 +207,43 @@ def main(argv=None):
     parser.add_argument("--model_dir", default="runs/smollm2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the records here")
+    parser.add_argument(
+        "--random_init",
+        action="store_true",
+        help="build the model from the folder's config with random weights (same shapes, same time: for a machine "
+        "that has the config and tokenizer but not the weights)",
+    )
+    parser.add_argument(
+        "--head",
+        choices=["default", "response", "fused"],
+        default="default",
+        help="force the trainers' LM head (default: the one `head_choice` picks for the device)",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("K", "WAY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is None:
         return orchestrate(args)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from trl_nca.demo.smollm2 import materialize_smollm2
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scale = args.scale if args.scale is not None else (1.0 if device.type == "cuda" else 0.25)
-    folder = materialize_smollm2(args.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device)
+    if args.random_init:
+        torch.manual_seed(args.seed)
+        folder = args.model_dir
+        config = AutoConfig.from_pretrained(folder, attn_implementation="sdpa")
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    else:
+        folder = materialize_smollm2(args.model_dir)
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if args.head != "default":
+        import trl_nca.trainer
+
+        trl_nca.trainer.head_choice = lambda model, device: (args.head, "forced by --head")
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
 
     k, way = int(args.worker[0]), args.worker[1]
@@ -240,6 +262,8 @@ def main(argv=None):
         "device": device_name,
         "scale": scale,
         "rows": args.rows,
+        "head": args.head,
+        "weights": "random" if args.random_init else "pretrained",
     }
     print("RECORD " + json.dumps(record), flush=True)
 
@@ -249,16 +273,22 @@ def orchestrate(args):
     import sys
 
     records = []
-    passthrough = [
-        "--rows",
-        str(args.rows),
-        "--steps",
-        str(args.steps),
-        "--model_dir",
-        args.model_dir,
-        "--seed",
-        str(args.seed),
-    ] + ([] if args.scale is None else ["--scale", str(args.scale)])
+    passthrough = (
+        [
+            "--rows",
+            str(args.rows),
+            "--steps",
+            str(args.steps),
+            "--model_dir",
+            args.model_dir,
+            "--seed",
+            str(args.seed),
+            "--head",
+            args.head,
+        ]
+        + ([] if args.scale is None else ["--scale", str(args.scale)])
+        + (["--random_init"] if args.random_init else [])
+    )
     for k in [int(x) for x in args.ks.split(",")]:
         for way in args.ways.split(","):
             run = subprocess.run(

@@ -92,6 +92,28 @@ def test_same_loss_and_gradients_as_the_padded_layout(cls, attn, layout, tokeniz
         torch.testing.assert_close(results[layout][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("layout", ["off", "mask"])
+def test_trls_fused_head_with_a_separate_reference_model(layout, tokenizer, model, other_model, tmp_path, monkeypatch):
+    """The head kept on CUDA (TRL's fused one) with a reference model of its own, whose fused head DPOTrainer sets
+    to log-probabilities only: the same loss and gradients as the response-only head (this broke on the GPU)."""
+    import trl_nca.trainer
+
+    results = {}
+    for head in ["response", "fused"]:
+        monkeypatch.setattr(trl_nca.trainer, "head_choice", lambda model, device, head=head: (head, "test"))
+        trainer = make_trainer(
+            tokenizer, copy.deepcopy(model), tmp_path, ref_model=copy.deepcopy(other_model), prompt_sharing=layout
+        )
+        assert trainer._head == head
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        results[head] = (loss.detach(), {n: p.grad for n, p in trainer.model.named_parameters()})
+    torch.testing.assert_close(results["fused"][0], results["response"][0], atol=1e-5, rtol=1e-5)
+    for name, grad in results["response"][1].items():
+        torch.testing.assert_close(results["fused"][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("layout", ["mask", "cache"])
 def test_a_response_never_sees_another(layout, tokenizer, model, tmp_path):
     trainer = make_trainer(tokenizer, model, tmp_path, prompt_sharing=layout)

@@ -58,14 +58,15 @@ class ResponseHeadOutput(ModelOutput):
 
 def head_choice(model, device: torch.device) -> tuple[str, str]:
     """`("response", why)` for this module's head, or `("fused", why)` for TRL's: TRL's scores only labelled
-    positions on Triton devices (CUDA) with its kernels, so it is kept there; ours everywhere else, unless the model
-    scales or caps its logits in a way ours does not reproduce."""
+    positions on Triton devices (CUDA) and recomputes its logits in backward, so it is kept there for its memory (ours
+    keeps up to KEEP_BYTES of log-softmax; docs/layouts.md has the H200 numbers); ours everywhere else, unless the
+    model scales or caps its logits in a way ours does not reproduce."""
     config = model.config.get_text_config()
     transform = next((name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)), None)
     if transform is not None:
         return "fused", f"the model's `{transform}` changes its logits"
     if device.type == "cuda":
-        return "fused", "on CUDA, TRL's fused head already scores only labelled positions"
+        return "fused", "on CUDA, TRL's fused head scores only labelled positions and recomputes logits in backward"
     return "response", f"on {device.type}, TRL's fused head would score every position"
 
 

@@ -157,6 +157,7 @@ class _KResponseTrainer(DPOTrainer):
             said = "; ".join(f"'{name}' is out: {reason}" for name, reason in choice.reasons.items())
             logger.warning(f"Layouts for prompt_sharing='auto': {', '.join(choice.allowed)} ({said}).")
         self._layout = choice.allowed[0] if len(choice.allowed) == 1 else choice.allowed
+        shape = ModelShape.of(unwrapped, self.accelerator.device.type)
         collators = {
             name: make_collator(
                 name,
@@ -164,13 +165,14 @@ class _KResponseTrainer(DPOTrainer):
                 max_length=self.args.max_length,
                 truncation_mode=self.args.truncation_mode,
                 pad_to_multiple_of=self.args.pad_to_multiple_of,
+                call_overhead=shape.call_overhead_tokens,
             )
             for name in choice.allowed
         }
         if len(collators) == 1:
             self.data_collator = next(iter(collators.values()))
         else:
-            self.data_collator = DataCollatorForAnyLayout(collators, ModelShape.of(unwrapped), self.args.max_length)
+            self.data_collator = DataCollatorForAnyLayout(collators, shape, self.args.max_length)
         # The LM head: TRL's fused head where it already scores only response tokens, ours (response tokens only)
         # elsewhere and for the prompt-cache layout, which ours alone runs
         self._head, why = head_choice(unwrapped, self.accelerator.device)
@@ -245,7 +247,8 @@ class _KResponseTrainer(DPOTrainer):
                 scored = owners >= 0
 
                 def flat(values):  # prompt-learning PEFT prepends virtual tokens: keep the real positions
-                    return values[:, -owners.size(1) :][scored]
+                    # None: a reference model's fused head computes log-probabilities only (DPOTrainer)
+                    return None if values is None else values[:, -owners.size(1) :][scored]
 
                 outputs = ResponseHeadOutput(
                     log_probs=flat(fused.log_probs),

@@ -25,6 +25,7 @@ from .padded import DataCollatorForKResponses, per_response_values
 from .prompt_cache import (
     CALL_OVERHEAD_TOKENS,
     DataCollatorForPromptCache,
+    call_overhead_tokens,
     padded_sequences,
     plan_calls,
     response_owner,
@@ -58,15 +59,17 @@ class ModelShape:
     num_layers: int
     body_params: int
     attention: str = "dense"
+    call_overhead_tokens: int = CALL_OVERHEAD_TOKENS
 
     @classmethod
-    def of(cls, model) -> ModelShape:
+    def of(cls, model, device_type: str = "cpu") -> ModelShape:
         config = model.config.get_text_config()
         embeddings = model.get_input_embeddings().weight.numel()
         total = sum(p.numel() for p in model.parameters())
         head = 0 if getattr(config, "tie_word_embeddings", False) else model.get_output_embeddings().weight.numel()
         attention = "blocks" if config._attn_implementation == "flex_attention" else "dense"
-        return cls(config.hidden_size, config.num_hidden_layers, max(total - embeddings - head, 1), attention)
+        body = max(total - embeddings - head, 1)
+        return cls(config.hidden_size, config.num_hidden_layers, body, attention, call_overhead_tokens(device_type))
 
 
 # Time per multiply-add of masked attention over that of the matmuls, measured on the 2-core CPU (docs/layouts.md)
@@ -95,7 +98,7 @@ def layout_cost(layout: str, rows: list[tuple[int, list[int]]], shape: ModelShap
     elif layout == "cache":
         tokens, scores, calls = 0, 0, 0
         for p, responses in rows:
-            planned = plan_calls(responses)
+            planned = plan_calls(responses, shape.call_overhead_tokens)
             tokens += p - 1
             scores += (p - 1) * (p - 1)
             calls += 1 + len(set(planned))
@@ -105,7 +108,7 @@ def layout_cost(layout: str, rows: list[tuple[int, list[int]]], shape: ModelShap
                 scores += planned.count(call) * width * (p - 1 + width)
     else:
         raise ValueError(f"Unknown layout {layout!r}; layouts: {LAYOUT_NAMES}")
-    return tokens * per_token + scores * per_score + calls * CALL_OVERHEAD_TOKENS * per_token
+    return tokens * per_token + scores * per_score + calls * shape.call_overhead_tokens * per_token
 
 
 @dataclass(frozen=True)
@@ -162,15 +165,27 @@ def choose_layout(
     return LayoutChoice(allowed, {name: reason for name, reason in reasons.items() if name in wanted})
 
 
-def make_collator(layout: str, *, pad_token_id: int, max_length: int | None, truncation_mode: str, pad_to_multiple_of):
-    """The collator of one layout name."""
+def make_collator(
+    layout: str,
+    *,
+    pad_token_id: int,
+    max_length: int | None,
+    truncation_mode: str,
+    pad_to_multiple_of,
+    call_overhead: int = CALL_OVERHEAD_TOKENS,
+):
+    """The collator of one layout name (`call_overhead`: a forward call's fixed cost in tokens, for the prompt-cache
+    layout's grouping of responses into calls)."""
     if layout == "mask":
         return DataCollatorForSharedPrompt(
             pad_token_id=pad_token_id, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of
         )
     if layout == "cache":
         return DataCollatorForPromptCache(
-            pad_token_id=pad_token_id, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of
+            pad_token_id=pad_token_id,
+            max_length=max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            call_overhead_tokens=call_overhead,
         )
     return DataCollatorForKResponses(
         pad_token_id=pad_token_id,

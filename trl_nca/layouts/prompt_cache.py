@@ -27,8 +27,16 @@ from trl.trainer.utils import pad
 from .padded import per_response_values
 
 # A forward call's fixed cost (Python, kernel launches, the LoRA adapters' small matmuls), in tokens of work: measured
-# at about 64 on the 2-core CPU with SmolLM2 + LoRA (docs/layouts.md)
+# at about 64 on the 2-core CPU with SmolLM2 + LoRA; on a GPU a small model's forward is bound by kernel launches up
+# to thousands of tokens (on an H200, the prompt-cache layout's second call cost as much as a whole 1,150-token padded
+# step of SmolLM2), so there a call is worth 2,048 tokens (docs/layouts.md)
 CALL_OVERHEAD_TOKENS = 64
+CALL_OVERHEAD_TOKENS_BY_DEVICE = {"cpu": CALL_OVERHEAD_TOKENS, "cuda": 2048}
+
+
+def call_overhead_tokens(device_type: str) -> int:
+    """A forward call's fixed cost in tokens of work on this kind of device (the GPU's value off the CPU)."""
+    return CALL_OVERHEAD_TOKENS_BY_DEVICE.get(device_type, CALL_OVERHEAD_TOKENS_BY_DEVICE["cuda"])
 
 
 def plan_calls(lengths: list[int], overhead: int = CALL_OVERHEAD_TOKENS) -> list[int]:
