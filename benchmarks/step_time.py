@@ -173,7 +173,7 @@ def build(way, model, tokenizer, rows, device):
     return (lambda: trainer.compute_loss(trainer.model, batch)), tokens, response_tokens, layout_of(batch)
 
 
-def measure(way, base, tokenizer, rows, steps, device):
+def measure(way, base, tokenizer, rows, steps, device, profile: int = 0):
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -194,6 +194,16 @@ def measure(way, base, tokenizer, rows, steps, device):
                 torch.cuda.synchronize()
             if i > 0:  # the first step is the warm-up
                 times.append(time.perf_counter() - started)
+    if profile:  # one more step under the profiler: the operators that took the most time, by self time
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        model.zero_grad(set_to_none=True)
+        with profiler(activities=activities) as prof:
+            step().backward()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=profile), flush=True)
     return statistics.median(times), tokens, response_tokens, memory["peak_mb"], layout
 
 
@@ -219,7 +229,14 @@ def main(argv=None):
         default="default",
         help="force the trainers' LM head (default: the one `head_choice` picks for the device)",
     )
-    parser.add_argument("--worker", nargs=2, metavar=("K", "WAY"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --worker K WAY: profile one more step and print its N most expensive operators",
+    )
+    parser.add_argument("--worker", nargs=2, metavar=("K", "WAY"), help="run one (K, way) in this process")
     args = parser.parse_args(argv)
     if args.worker is None:
         return orchestrate(args)
@@ -249,7 +266,9 @@ def main(argv=None):
     k, way = int(args.worker[0]), args.worker[1]
     rows = draw_rows(k, args.rows, scale, len(tokenizer), args.seed + k)
     ideal = sum(len(r["prompt_ids"]) + sum(len(c) for c in r["completion_ids"]) for r in rows)
-    step_s, tokens, response_tokens, peak_mb, layout = measure(way, base, tokenizer, rows, args.steps, device)
+    step_s, tokens, response_tokens, peak_mb, layout = measure(
+        way, base, tokenizer, rows, args.steps, device, args.profile
+    )
     record = {
         "K": k,
         "way": way,
