@@ -59,7 +59,14 @@ def main(argv=None):
     from trl import DPOConfig, DPOTrainer
 
     from trl_nca import InfoNCATrainer, NCAConfig, NCATrainer
-    from trl_nca.demo import arithmetic_reward, heldout_accuracy, heldout_problems, load_model, make_problems
+    from trl_nca.demo import (
+        arithmetic_reward,
+        heldout_accuracy,
+        heldout_problems,
+        load_model,
+        local_run_args,
+        make_problems,
+    )
     from trl_nca.generation import build_reward_dataset
 
     out = Path(args.out)
@@ -82,21 +89,14 @@ def main(argv=None):
     common = dict(
         output_dir=str(out / "tmp"),
         learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=8,
         beta=args.beta,
-        logging_steps=1,
         eval_strategy="steps",
         eval_steps=args.eval_every,
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-        bf16=on_gpu,
-        use_cpu=not on_gpu,
-        gradient_checkpointing=False,
         max_length=256,
+        **local_run_args(args.seed, on_gpu),
     )
     lora = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     results = []

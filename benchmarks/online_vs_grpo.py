@@ -87,7 +87,14 @@ def main(argv=None):
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_nca import NCAConfig, NCATrainer, OnlineInfoNCATrainer, OnlineNCAConfig, OnlineNCATrainer
-    from trl_nca.demo import arithmetic_reward, heldout_accuracy, heldout_problems, load_model, make_problems
+    from trl_nca.demo import (
+        arithmetic_reward,
+        heldout_accuracy,
+        heldout_problems,
+        load_model,
+        local_run_args,
+        make_problems,
+    )
     from trl_nca.generation import build_reward_dataset
 
     out = Path(args.out)
@@ -105,16 +112,9 @@ def main(argv=None):
     lora = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     common = dict(
         learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
         max_steps=args.steps,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-        bf16=on_gpu,
-        use_cpu=not on_gpu,
-        gradient_checkpointing=False,
         disable_tqdm=True,
+        **local_run_args(args.seed, on_gpu),
     )
     # One generation per optimizer step: the generation batch is one step's prompts x K, in micro-batches of K x 4
     micro = min(per_step, 4 * args.k)

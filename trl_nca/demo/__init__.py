@@ -6,7 +6,7 @@ benchmarks measure the same thing the demo does.
 """
 
 from .arithmetic import arithmetic_reward, extract_answer, heldout_problems, make_problems
-from .run import DemoSettings, heldout_accuracy, load_model, run_demo
+from .run import DemoSettings, heldout_accuracy, load_model, local_run_args, run_demo
 from .smollm2 import load_smollm2, materialize_smollm2, smollm2_gguf_path
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "heldout_problems",
     "load_model",
     "load_smollm2",
+    "local_run_args",
     "make_problems",
     "materialize_smollm2",
     "run_demo",

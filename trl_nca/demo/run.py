@@ -81,21 +81,29 @@ def heldout_accuracy(model, tokenizer, problems, max_new_tokens: int = 40) -> tu
     return correct / len(problems), texts
 
 
+def local_run_args(seed: int, on_gpu: bool) -> dict:
+    """The training arguments every run of the demo and the benchmarks shares: a constant learning rate, a log line
+    per step, nothing saved or reported, and the device's precision."""
+    return dict(
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        # float32 on CPU: DPOConfig's and GRPOConfig's bf16 default is ~12x slower there
+        bf16=on_gpu,
+        use_cpu=not on_gpu,
+        gradient_checkpointing=False,
+    )
+
+
 def _training_args(settings: DemoSettings, out: Path, on_gpu: bool) -> dict:
     return dict(
         output_dir=str(out),
         beta=settings.beta,
         reward_temperature=settings.reward_temperature,
         learning_rate=settings.learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=settings.seed,
-        # float32 on CPU: DPOConfig's and GRPOConfig's bf16 default is ~12x slower there
-        bf16=on_gpu,
-        use_cpu=not on_gpu,
-        gradient_checkpointing=False,
+        **local_run_args(settings.seed, on_gpu),
     )
 
 
