@@ -159,3 +159,89 @@ def test_transformers_cache_hooks_the_prompt_cache_layout_relies_on(tokenizer, m
     )
     parameters = inspect.signature(LlamaModel.forward).parameters
     assert "cache" in parameters or "past_key_values" in parameters, "transformers contract broken: no cache argument"
+
+
+# --- behaviour pins of what the online trainers still copy from GRPOTrainer (TRL 1.16.0) --------------------------
+
+
+def _online_trainer(tokenizer, tmp_path, **overrides):
+    from conftest import build_model
+    from online_helpers import deterministic_rollout, length_reward, online_args, prompts_dataset
+
+    return OnlineNCATrainer(
+        model=build_model(tokenizer),
+        reward_funcs=length_reward,
+        args=online_args(tmp_path, **overrides),
+        train_dataset=prompts_dataset(8),
+        processing_class=tokenizer,
+        rollout_func=deterministic_rollout,
+    )
+
+
+def test_our_prepare_inputs_with_the_group_shuffle_off_gives_grpos_buffers(tokenizer, tmp_path, monkeypatch):
+    """Our `_prepare_inputs` is GRPO's with one change, the shuffle by whole groups: with a shuffle unit of one
+    completion it must buffer exactly what GRPO's buffers (same RNG draws), slice for slice."""
+    trainer = _online_trainer(tokenizer, tmp_path, num_generations=2, per_device_train_batch_size=2,
+                              steps_per_generation=2)  # fmt: skip
+    rows = [trainer.train_dataset[i] for i in (0, 0, 1, 1)]
+    scored = trainer._generate_and_score_completions(rows)
+    monkeypatch.setattr(trainer, "_generate_and_score_completions", lambda inputs: dict(scored))
+    monkeypatch.setattr(trainer, "_shuffle_unit", lambda size: 1)
+    buffers = {}
+    for name, prepare in [("grpo", GRPOTrainer._prepare_inputs), ("ours", type(trainer)._prepare_inputs)]:
+        torch.manual_seed(3)
+        trainer._step, trainer._buffered_inputs = 0, None
+        first = prepare(trainer, rows)
+        trainer._step = 1
+        buffers[name] = [first, prepare(trainer, rows)]
+    message = "TRL contract broken: GRPOTrainer._prepare_inputs buffers differently from trl_nca's copy"
+    for theirs, ours in zip(buffers["grpo"], buffers["ours"]):
+        assert set(theirs) == set(ours), message
+        for key, value in theirs.items():
+            same = torch.equal(value, ours[key]) if isinstance(value, torch.Tensor) else value == ours[key]
+            assert same, (message, key)
+    assert not torch.equal(buffers["ours"][0]["completion_ids"], buffers["ours"][1]["completion_ids"])
+
+
+def test_our_train_sampler_is_grpos_for_the_first_epoch(tokenizer, tmp_path):
+    """The epoch-seeded sampler must draw GRPO's order in the first epoch (later epochs are reseeded)."""
+    trainer = _online_trainer(tokenizer, tmp_path, num_generations=2, per_device_train_batch_size=4)
+    ours = list(trainer._get_train_sampler())
+    theirs = list(GRPOTrainer._get_train_sampler(trainer))
+    assert ours == theirs and len(set(ours)) == 8, "TRL contract broken: GRPOTrainer's train sampler changed"
+
+
+def test_our_reference_copy_is_set_up_as_grpos_reference(tokenizer, tmp_path):
+    """`_prepare_reference` mirrors what GRPOTrainer.__init__ does to its own reference model: the fused head (log-
+    probs of the completion tokens), no dropout, evaluation mode, no gradient. Compared on one batch with GRPO's
+    reference built from the same weights (GRPO reloads it from a folder)."""
+    from conftest import build_model
+    from online_helpers import deterministic_rollout, length_reward, prompts_dataset
+    from trl import GRPOConfig
+
+    from trl_nca.online_trainer import _OnlineKResponseTrainer
+
+    folder = tmp_path / "policy"
+    build_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    settings = dict(use_cpu=True, bf16=False, report_to=[], num_generations=2, max_completion_length=6,
+                    per_device_train_batch_size=4, beta=0.5)  # fmt: skip
+    grpo = GRPOTrainer(
+        model=str(folder),
+        reward_funcs=length_reward,
+        args=GRPOConfig(str(tmp_path / "g"), **settings),
+        train_dataset=prompts_dataset(),
+        processing_class=tokenizer,
+        rollout_func=deterministic_rollout,
+    )
+    ours = _OnlineKResponseTrainer._prepare_reference(grpo, build_model(tokenizer))  # the same weights (seed 0)
+    batch = grpo._generate_and_score_completions([grpo.train_dataset[i] for i in (0, 0, 1, 1)])
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    keep = batch["completion_ids"].size(1)
+    with torch.no_grad():
+        theirs, _, _ = grpo._get_per_token_logps_and_entropies(grpo.ref_model, ids, mask, keep)
+        mine, _, _ = grpo._get_per_token_logps_and_entropies(ours, ids, mask, keep)
+    message = "TRL contract broken: GRPOTrainer sets up its reference model differently from trl_nca's copy"
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5, msg=message)
+    assert ours.training == grpo.ref_model.training, message

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
 from .config import check_beta_and_temperature, refuse_changed
+
+logger = logging.getLogger(__name__)
 
 REFERENCES = ("sampler", "initial")
 
@@ -54,9 +57,23 @@ class OnlineNCAConfig(GRPOConfig):
         reference (`str`, *optional*, defaults to `"sampler"`):
             What pi_ref is. `"sampler"`: the policy that generated the group (its log-probabilities at generation
             time), so that each round moves the policy toward the reward-tilted version of the current one.
-            `"initial"`: the starting policy, as GRPO's KL term and OnlineDPO use (the adapter disabled with PEFT).
-            See `docs/math.md` for the fixed point of each.
+            `"initial"`: the starting policy, as GRPO's KL term and OnlineDPO use. With PEFT it is GRPO's own
+            reference: with `peft_config`, the base model (the new adapter disabled); with a `PeftModel` instance, a
+            frozen copy of its adapter as loaded (GRPO's `ref` adapter). See `docs/math.md` for the fixed point of
+            each.
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            As DPOConfig's (GRPOConfig defaults it off): the reference and old log-probabilities are forwards of their
+            own, so with dropout log pi_theta - log pi_ref is noise where it should be 0. Reaches the attention
+            dropout that models apply functionally too (`trl_nca.dropout`).
     """
+
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Turn off dropout in the policy and reference (default True, as DPOConfig; GRPOConfig's is "
+            "False): with dropout the reference and old log-probabilities see other masks than the policy forward."
+        },
+    )
 
     beta: float = field(
         default=0.1,
@@ -102,8 +119,16 @@ class OnlineNCAConfig(GRPOConfig):
     def from_grpo_config(cls, args: GRPOConfig, **overrides) -> OnlineNCAConfig:
         """An `OnlineNCAConfig` with the values of an existing `GRPOConfig` (for scripts written for GRPOTrainer).
         GRPO's `beta` (a KL coefficient, 0 by default) is not carried over: NCA's `beta` keeps its default unless
-        given in `overrides`."""
+        given in `overrides`. `disable_dropout=False`, GRPOConfig's default, becomes True (this config's default)
+        with a warning, since a default cannot be told from a choice; give it in `overrides` to keep dropout."""
         values = {f.name: getattr(args, f.name) for f in fields(GRPOConfig) if f.init and f.name != "beta"}
         values["generation_batch_size"] = None  # derived again from steps_per_generation, which GRPOConfig has set
+        if not args.disable_dropout and "disable_dropout" not in overrides:
+            del values["disable_dropout"]
+            logger.warning(
+                "OnlineNCAConfig from a GRPOConfig: `disable_dropout` is set to True (GRPOConfig's default is False): "
+                "with dropout, the reference and old log-probabilities are noisy where the sampler reference makes "
+                "them exact. Pass an OnlineNCAConfig with disable_dropout=False to keep dropout."
+            )
         values.update(overrides)
         return cls(**values)

@@ -14,7 +14,15 @@ replaced here (TRL 1.16.0; pinned in `tests/test_trl_contracts.py`), as TRL's ow
 - `_prepare_inputs`: GRPO's, with the generation batch shuffled by whole groups instead of by completion, so that a
   micro-batch always holds whole groups (InfoNCA's log-softmax needs them).
 - `_get_train_sampler`: GRPO's sampler, reseeded each epoch, so that a resumed run sees the prompts in the same order.
-- `_compute_loss`: the NCA or InfoNCA loss and its metrics, instead of GRPO's clipped surrogate.
+- `_compute_loss`: the NCA or InfoNCA loss and its metrics, instead of GRPO's clipped surrogate. The policy forward
+  is GRPO's `_get_per_token_logps_and_entropies`, given every batch field that GRPO's own `_compute_loss` gives it
+  (images included; the names are read from that method's signature).
+- `_save_checkpoint` / `_load_optimizer_and_scheduler`: GRPO's, plus the generation buffer and the micro-step
+  counter, so that a checkpoint saved between two generations resumes on the same completions.
+- `evaluate`: InfoNCA checks that an evaluation batch holds whole groups before evaluating.
+
+What each `GRPOConfig` field does here (works as in GRPO, has an NCA meaning, or is refused) is the table in
+`docs/online.md`. `tests/test_trl_contracts.py` pins what still mirrors GRPO's code against GRPO's own output.
 """
 
 from __future__ import annotations
@@ -22,26 +30,45 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import logging
+import os
 
 import torch
 from accelerate.utils import is_peft_model
+from datasets import Dataset
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import (
     RepeatSampler,
     add_fused_lm_head,
-    disable_dropout_in_model,
     get_config_model_id,
+    is_async_callable,
     split_pixel_values_by_grid,
     split_tensor_dict,
     unsplit_pixel_values_by_grid,
 )
 
+from .data import RowError
+from .data import _check_text_or_messages as check_text_or_messages
+from .dropout import disable_dropout, has_active_dropout
 from .losses import infonca_loss, nca_terms, soft_labels
 from .online_config import OnlineNCAConfig
-from .rewards import check_reward_values, reward_name
+from .rewards import RewardError, check_reward_values, reward_name
 from .trainer import NCA_PAPER
+
+logger = logging.getLogger(__name__)
+
+# The batch fields that GRPOTrainer._compute_loss hands to `_get_per_token_logps_and_entropies` besides the ids and
+# masks (images: pixel_values, image_grid_thw, num_images, ...), read from that method's signature so that a field a
+# TRL release adds there reaches our policy forward too (its old and reference forwards are GRPO's own)
+FORWARD_FIELDS = tuple(
+    name
+    for name, parameter in inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters.items()
+    if parameter.default is None and name != "batch_size"
+)
+GENERATION_STATE = "trl_nca_generation_state_{}.pt"  # one file per process in each checkpoint folder
 
 
 def _checked(func, group_size: int):
@@ -49,7 +76,7 @@ def _checked(func, group_size: int):
     applicable", passes), with the name and the sync/async kind of the original."""
     name = reward_name(func)
 
-    if inspect.iscoroutinefunction(func):
+    if is_async_callable(func):  # async functions, partials of them, and instances with an async __call__ (as TRL)
 
         @functools.wraps(func)
         async def checked_async(prompts, completions, **kwargs):
@@ -109,14 +136,10 @@ class _OnlineKResponseTrainer(GRPOTrainer):
             args = OnlineNCAConfig(f"{model_name.split('/')[-1] or 'model'}-{self._name}")
         elif not isinstance(args, OnlineNCAConfig):
             args = OnlineNCAConfig.from_grpo_config(args)
-        self._check_group_settings(args)
-        train_dataset = kwargs.get("train_dataset")
-        if train_dataset is not None:
-            columns = train_dataset.column_names or list(next(iter(train_dataset)))
-            if "prompt" not in columns:
-                raise ValueError(
-                    f"The train dataset needs a `prompt` column, as GRPOTrainer's does; it has {columns}."
-                )
+        self._check_group_settings(args, evaluating=args.eval_strategy != "no")
+        if kwargs.get("environment_factory") is None:  # with an environment, the environment supplies the prompts
+            for split, dataset in _named_datasets(kwargs.get("train_dataset"), kwargs.get("eval_dataset")):
+                check_prompts(dataset, split)
         self.reference = args.reference
         self.reward_temperature = args.reward_temperature
         # GRPO reads its `beta` as "keep a reference model and compute its log-probabilities". The sampler reference
@@ -139,6 +162,17 @@ class _OnlineKResponseTrainer(GRPOTrainer):
             self.ref_model = self._prepare_reference(initial)
             if sync_ref_model:
                 self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
+        if args.disable_dropout:
+            # GRPO's disable_dropout_in_model misses functional attention dropout (see trl_nca.dropout)
+            for each in (self.model, self.ref_model):
+                if each is not None:
+                    disable_dropout(each)
+        elif has_active_dropout(self.model):
+            logger.warning(
+                "The policy has dropout and `disable_dropout=False`: the old and reference log-probabilities are "
+                "forwards of their own with other dropout masks, so log pi_theta - log pi_ref is not 0 even before "
+                "the first update. Set `disable_dropout=True` (OnlineNCAConfig's default) unless you want that."
+            )
         self.reward_funcs = [
             f if isinstance(f, torch.nn.Module) else _checked(f, self.num_generations) for f in self.reward_funcs
         ]
@@ -154,13 +188,15 @@ class _OnlineKResponseTrainer(GRPOTrainer):
             seed=self.args.seed,
         )
 
-    def _check_group_settings(self, args: OnlineNCAConfig) -> None:
+    def _check_group_settings(self, args: OnlineNCAConfig, *, training: bool = True, evaluating: bool) -> None:
         if not self.needs_whole_groups:
             return
-        for batch_size, generations, which in [
-            (args.per_device_train_batch_size, args.num_generations, "train"),
-            (args.per_device_eval_batch_size, args.num_generations_eval or args.num_generations, "eval"),
-        ]:
+        settings = [(args.per_device_train_batch_size, args.num_generations, "train")] if training else []
+        if evaluating:
+            settings.append(
+                (args.per_device_eval_batch_size, args.num_generations_eval or args.num_generations, "eval")
+            )
+        for batch_size, generations, which in settings:
             if batch_size % generations != 0:
                 raise ValueError(
                     f"{self._name}'s log-softmax needs each group of completions whole in one loss computation: "
@@ -168,10 +204,19 @@ class _OnlineKResponseTrainer(GRPOTrainer):
                     f"({generations}). OnlineNCATrainer has no such constraint."
                 )
 
+    # Extends Trainer.evaluate: the eval batch size is checked where an evaluation happens, not when none is planned
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        self._check_group_settings(self.args, training=False, evaluating=True)
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            for split, dataset in _named_datasets(None, eval_dataset):
+                check_prompts(dataset, split)
+        return super().evaluate(eval_dataset, *args, **kwargs)
+
     def _prepare_reference(self, model):
         """The reference copy, set up as GRPOTrainer sets up its own (fused head, dropout, device, sharding)."""
+        model.eval()  # a copy of a policy in training mode; GRPO's reference comes from from_pretrained, in eval
         if self.args.disable_dropout:
-            disable_dropout_in_model(model)
+            disable_dropout(model)
         add_fused_lm_head(model, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(model, self.accelerator)
@@ -186,40 +231,88 @@ class _OnlineKResponseTrainer(GRPOTrainer):
 
     # Replaces GRPOTrainer._generate_and_score_completions (TRL 1.16.0): adds the labels of every group
     def _generate_and_score_completions(self, inputs):
+        if self.environment_factories is None:  # rows of a stream (or given to evaluate) were not checked up front
+            check_prompts(inputs, "train" if self.model.training else "eval")
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         rewards_per_func = self._rewards_per_func  # (all processes' completions, reward functions)
         weights = self.reward_weights.to(rewards_per_func.device)
-        rewards = (rewards_per_func * weights).nansum(dim=1)
         # A completion counts in its group if some reward function scored it and it kept a token (GRPO masks
         # truncated completions when `mask_truncated_completions`)
+        scored = ~torch.isnan(rewards_per_func).all(dim=1)
         kept = self.accelerator.gather(output["completion_mask"].any(dim=1))
-        valid = ~torch.isnan(rewards_per_func).all(dim=1) & kept
+        valid = scored & kept
+        rewards = self._summed_rewards(rewards_per_func, weights, valid, group_size)
         groups = rewards.view(-1, group_size)
         valid_groups = valid.view(-1, group_size)
         labels = soft_labels(groups, valid_groups, reward_temperature=self.reward_temperature)
         group_sizes = valid_groups.sum(dim=1, keepdim=True).expand_as(groups)
         masked = groups.masked_fill(~valid_groups, torch.nan)
-        tied = torch.nan_to_num(masked.nan_to_num(-torch.inf).amax(1) - masked.nan_to_num(torch.inf).amin(1)) == 0
+        spread = masked.nan_to_num(-torch.inf).amax(1) - masked.nan_to_num(torch.inf).amin(1)
+        # A group with fewer than two valid completions has nothing to contrast: no signal, as a tie
+        tied = (valid_groups.sum(1) < 2) | (spread == 0)
+        if not bool(valid.any()):
+            logger.warning(
+                f"No completion of this {mode} generation batch can be trained on ({int((~scored).sum())} of "
+                f"{len(valid)} unscored: every reward function returned None; {int((scored & ~kept).sum())} masked: "
+                "truncated, with `mask_truncated_completions=True`): the step's loss and gradient are 0."
+            )
 
         local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
         first = self.accelerator.process_index * len(inputs)
         output.update(
             nca_rewards=rewards[local],
-            nca_labels=labels.flatten()[local],
+            nca_labels=labels.flatten()[local].float(),
             nca_group_size=group_sizes.flatten()[local],
             nca_valid=valid[local],
             nca_group=(torch.arange(first, first + len(inputs), device=rewards.device) // group_size),
         )
         self._metrics[mode]["frac_tied_groups"].append(tied.float().mean().item())
-        # The completions table shows what NCA trains on instead of GRPO's advantages: p_k - 1/K, the advantage of
-        # the policy gradient NCA takes at r = 0 (see docs/math.md)
-        advantages = torch.where(valid, labels.flatten() - 1.0 / group_sizes.flatten().clamp(min=1), 0.0)
-        for _ in range(min(len(advantages), len(self._logs["advantages"]))):
-            self._logs["advantages"].pop()
-        self._logs["advantages"].extend(advantages.tolist())
+        self._log_completion_weights(output, groups, labels, valid_groups)
         return output
+
+    def _summed_rewards(self, rewards_per_func, weights, valid, group_size) -> torch.Tensor:
+        """The weighted sum of the reward functions, float32 as GRPO's; a `RewardError` where the sum overflows float32
+        or where two different sums of a group become equal there (a silent tie)."""
+        exact = (rewards_per_func.double() * weights.double()).nansum(dim=1)
+        rewards = exact.float()
+        bad = valid & ~torch.isfinite(rewards)
+        collapsed = (exact.view(-1, group_size, 1) != exact.view(-1, 1, group_size)) & (
+            rewards.view(-1, group_size, 1) == rewards.view(-1, 1, group_size)
+        )
+        collapsed &= valid.view(-1, group_size, 1) & valid.view(-1, 1, group_size)
+        if bool(bad.any()) or bool(collapsed.any()):
+            i = int(bad.nonzero()[0]) if bool(bad.any()) else int(collapsed.any(-1).flatten().nonzero()[0])
+            problem = "overflows float32" if bool(bad.any()) else "ties with another in float32 though they differ"
+            raise RewardError(
+                f"The weighted sum of the reward functions {self.reward_func_names} for completion {i % group_size} "
+                f"of prompt {i // group_size} is {exact[i].item()!r}, which {problem}, the dtype rewards are trained "
+                "in; rescale the rewards or `reward_weights`."
+            )
+        return rewards
+
+    def _log_completion_weights(self, output, groups, labels, valid_groups) -> None:
+        """The completions table's `advantage` column: the weight w_k of each completion in -dL/d r_k, the direction
+        NCA (or InfoNCA) moves its implicit reward r_k = beta * (log pi_theta - log pi_ref), at generation time. With
+        the sampler reference r = 0 then; with the initial reference r is known only where GRPO computed the
+        policy's log-probabilities at generation (old_per_token_logps), and the column is NaN elsewhere."""
+        model_rewards = torch.zeros_like(groups)
+        if self.reference == "initial":
+            old, ref = output.get("old_per_token_logps"), output.get("ref_per_token_logps")
+            if old is None or ref is None:
+                model_rewards = torch.full_like(groups, torch.nan)
+            else:
+                logratio = ((old - ref) * output["completion_mask"]).sum(1)
+                model_rewards = self.nca_beta * self.accelerator.gather(logratio).view_as(groups).to(groups.dtype)
+        with torch.enable_grad():
+            model_rewards = model_rewards.detach().requires_grad_()
+            loss = self._group_losses(model_rewards, labels.to(groups.dtype), groups, valid_groups).sum()
+            (gradient,) = torch.autograd.grad(loss, model_rewards)
+        weights = torch.where(valid_groups, -gradient, 0.0).flatten()
+        for _ in range(min(len(weights), len(self._logs["advantages"]))):
+            self._logs["advantages"].pop()
+        self._logs["advantages"].extend(weights.tolist())
 
     # Replaces GRPOTrainer._prepare_inputs (TRL 1.16.0) to shuffle by whole groups; the rest is GRPO's buffering
     def _prepare_inputs(self, generation_batch):
@@ -238,21 +331,41 @@ class _OnlineKResponseTrainer(GRPOTrainer):
         # completions, so where a group spans processes, its completions are shuffled one by one, as GRPO does
         return self.num_generations if size % self.num_generations == 0 else 1
 
+    # Extends GRPOTrainer._save_checkpoint (TRL 1.16.0): a checkpoint between two generations (steps_per_generation
+    # above the accumulation steps, or num_iterations > 1) also holds the generated batch and the micro-step, which
+    # GRPO loses (it regenerates on resume and trains on other completions than the uninterrupted run)
+    def _save_checkpoint(self, model, trial):
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)  # written first, so a checkpoint with a trainer state has it
+        state = {"step": self._step, "buffered_inputs": self._buffered_inputs}
+        torch.save(state, os.path.join(folder, GENERATION_STATE.format(self.accelerator.process_index)))
+        super()._save_checkpoint(model, trial)
+
+    # Extends GRPOTrainer._load_optimizer_and_scheduler (TRL 1.16.0), which Trainer calls when it resumes
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, GENERATION_STATE.format(self.accelerator.process_index))
+        if os.path.exists(path):
+            state = torch.load(path, map_location=self.accelerator.device, weights_only=False)
+            self._step, self._buffered_inputs = state["step"], state["buffered_inputs"]
+            return
+        self._step = self.state.global_step * self.args.gradient_accumulation_steps
+        if self._step % (self.args.steps_per_generation * self.num_iterations) != 0:
+            logger.warning(
+                f"{checkpoint} was saved between two generations but holds no generation buffer ({path} is missing): "
+                "the rest of that generation batch is generated again, so training differs from the uninterrupted "
+                "run."
+            )
+
     # Replaces GRPOTrainer._compute_loss (TRL 1.16.0)
     def _compute_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([prompt_mask, completion_mask], dim=1),
-            completion_ids.size(1),
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
+        per_token_logps, entropies, aux_loss = self._policy_forward(model, inputs)
+        mask = (
+            inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
         )
-        logps = (per_token_logps * mask).sum(dim=1)
         if self.reference == "initial":
             ref_per_token_logps = inputs["ref_per_token_logps"]
         else:
@@ -261,17 +374,46 @@ class _OnlineKResponseTrainer(GRPOTrainer):
             ref_per_token_logps = inputs.get("old_per_token_logps")
             if ref_per_token_logps is None:
                 ref_per_token_logps = per_token_logps.detach()
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            # GRPO multiplies each token's loss by vLLM's sampler/trainer ratio (its modes and clipping, detached). A
+            # completion's NCA term is a function of its summed log-probability, so here the ratio weights the
+            # gradient of each token's log-probability instead (per token, or per completion in the sequence modes;
+            # 0 drops it); the values, and so the logged loss, are unchanged
+            ratio = inputs["importance_sampling_ratio"]
+            per_token_logps = per_token_logps * ratio + per_token_logps.detach() * (1 - ratio)
+        logps = (per_token_logps * mask).sum(dim=1)
         ref_logps = (ref_per_token_logps * mask).sum(dim=1)
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         loss = self._group_loss(logps, ref_logps, inputs, group_size)
-        if mode == "train":
-            loss = loss / self.current_gradient_accumulation_steps
+        # Trainer does not scale GRPO's loss for gradient accumulation (GRPO does it itself): the router loss too
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1
+        loss = loss / normalizer
         if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * aux_loss
+            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_step_metrics(mode, logps, ref_logps, entropies, mask, inputs)
         return loss
 
+    def _policy_forward(self, model, inputs):
+        """GRPO's forward of the policy on a batch, with the same arguments as GRPOTrainer._compute_loss gives it."""
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        return self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{name: inputs.get(name) for name in FORWARD_FIELDS},
+        )
+
     def _group_loss(self, logps, ref_logps, inputs, group_size) -> torch.Tensor:
+        """The loss of a micro-batch of completions, from their summed log-probabilities."""
+        raise NotImplementedError
+
+    def _group_losses(self, model_rewards, labels, rewards, valid) -> torch.Tensor:
+        """`(G,)` losses of whole groups `(G, K)` from their implicit rewards r (for the completions table)."""
         raise NotImplementedError
 
     def _log_step_metrics(self, mode, logps, ref_logps, entropies, mask, inputs) -> None:
@@ -296,6 +438,43 @@ class _OnlineKResponseTrainer(GRPOTrainer):
             self._metrics[mode]["logratio/labelled"].append((sums[4] / sums[5]).item())
 
 
+def _named_datasets(train_dataset, eval_dataset):
+    """`(split name, dataset)` of the train dataset and of each eval dataset (one, or a dict of them)."""
+    named = [("train", train_dataset)] if train_dataset is not None else []
+    if isinstance(eval_dataset, dict):
+        named += [(f"eval '{name}'", dataset) for name, dataset in eval_dataset.items()]
+    elif eval_dataset is not None:
+        named.append(("eval", eval_dataset))
+    return named
+
+
+def check_prompts(dataset, split: str) -> None:
+    """Every row's `prompt` is text or a list of messages with roles (as the offline trainers check it); a
+    `ValueError` naming the dataset, the row and the column otherwise, before anything is generated from it. An
+    in-memory dataset is checked whole, a list of rows (a generation batch, e.g. from a stream) row by row, and a
+    stream as its rows arrive."""
+    if isinstance(dataset, Dataset):
+        if "prompt" not in dataset.column_names:
+            raise ValueError(
+                f"The {split} dataset needs a `prompt` column, as GRPOTrainer's does; it has {dataset.column_names}."
+            )
+        rows, where = enumerate(dataset["prompt"]), ""
+    elif isinstance(dataset, list):
+        missing = next((row for row in dataset if "prompt" not in row), None)
+        if missing is not None:
+            raise ValueError(
+                f"A row of the {split} dataset has no `prompt` column, as GRPOTrainer's needs; it has {list(missing)}."
+            )
+        rows, where = enumerate(row["prompt"] for row in dataset), " (of the generation batch)"
+    else:
+        return
+    for i, prompt in rows:
+        try:
+            check_text_or_messages(prompt, i, "prompt", prompt=True)
+        except RowError as error:
+            raise ValueError(f"{split.capitalize()} dataset{where}: {error}") from None
+
+
 class OnlineNCATrainer(_OnlineKResponseTrainer):
     """Online NCA: K completions per prompt from the current policy, scored by reward functions, trained with NCA.
 
@@ -315,12 +494,17 @@ class OnlineNCATrainer(_OnlineKResponseTrainer):
         # mean over groups = sum over completions / number of groups (this micro-batch holds len / K groups' worth)
         return terms.sum() * group_size / len(terms)
 
+    def _group_losses(self, model_rewards, labels, rewards, valid):
+        terms = nca_terms(model_rewards, labels, valid.sum(-1, keepdim=True).clamp(min=1))
+        return torch.where(valid, terms, torch.zeros_like(terms)).sum(-1)
+
 
 class OnlineInfoNCATrainer(_OnlineKResponseTrainer):
     """Online InfoNCA: as [`OnlineNCATrainer`], with InfoNCA's K-way classification on each group.
 
-    InfoNCA's log-softmax runs over a whole group, so `per_device_train_batch_size` (and the eval one) must be a
-    multiple of `num_generations`; groups are shuffled whole, so each micro-batch holds whole groups.
+    InfoNCA's log-softmax runs over a whole group, so `per_device_train_batch_size` (and the eval one, where there is
+    an evaluation) must be a multiple of `num_generations`; groups are shuffled whole, so each micro-batch holds whole
+    groups.
     """
 
     needs_whole_groups = True
@@ -347,3 +531,7 @@ class OnlineInfoNCATrainer(_OnlineKResponseTrainer):
             beta=self.nca_beta,
             reward_temperature=self.reward_temperature,
         ).mean()
+
+    def _group_losses(self, model_rewards, labels, rewards, valid):
+        zero = torch.zeros_like(model_rewards)
+        return infonca_loss(model_rewards, zero, rewards, valid, beta=1.0, reward_temperature=self.reward_temperature)

@@ -105,14 +105,47 @@ def check_reward_values(
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-            prompt = prompts[i]
-            text = prompt[-1].get("content", "") if isinstance(prompt, list) and prompt else str(prompt)
             raise RewardError(
                 f"Reward function '{name}' returned {value!r} for completion {i % group_size} of prompt "
-                f"{i // group_size} ({text[:60]!r}); rewards must be finite numbers"
+                f"{i // group_size} ({_prompt_text(prompts[i])!r}); rewards must be finite numbers"
             )
         out.append(float(value))
+    _check_float32(name, out, prompts, group_size)
     return out
+
+
+def _check_float32(name: str, values: list[float | None], prompts: Sequence, group_size: int) -> None:
+    """Rewards are trained on in float32 (GRPO stores them so, the offline trainers cast them): each value must stay
+    finite there, and two different values of one prompt's group must stay different, else they silently tie."""
+    for i, value in enumerate(values):
+        if value is not None and not math.isfinite(_float32(value)):
+            raise RewardError(
+                f"Reward function '{name}' returned {value!r} for completion {i % group_size} of prompt "
+                f"{i // group_size} ({_prompt_text(prompts[i])!r}), which overflows float32, the dtype rewards are "
+                "trained in; rescale the rewards"
+            )
+    for start in range(0, len(values), group_size):
+        seen = {}
+        for k, value in enumerate(values[start : start + group_size]):
+            if value is None:
+                continue
+            other = seen.setdefault(_float32(value), (k, value))
+            if other[1] != value:
+                raise RewardError(
+                    f"Reward function '{name}' returned {other[1]!r} and {value!r} for completions {other[0]} and "
+                    f"{k} of prompt {start // group_size} ({_prompt_text(prompts[start])!r}): they differ but are "
+                    "equal in float32, the dtype rewards are trained in, so they would become a tie; rescale or "
+                    "shift the rewards"
+                )
+
+
+def _float32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float64).float())
+
+
+def _prompt_text(prompt) -> str:
+    text = prompt[-1].get("content", "") if isinstance(prompt, list) and prompt else str(prompt)
+    return str(text)[:60]
 
 
 def call_reward(func: RewardFunc, prompts: Sequence, completions: Sequence, **columns):
