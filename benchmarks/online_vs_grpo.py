@@ -1,21 +1,27 @@
-"""Online NCA against TRL's GRPOTrainer and against one offline round, from the same start, on the demo's task.
+"""Online NCA against TRL's GRPOTrainer and one offline round, over seeds and tasks, at equal completions generated.
 
-Every method starts from SmolLM2-135M-Instruct with a fresh LoRA adapter (r=16, all linear layers, same seed), sees
-the same training prompts in the same numbers, K completions per prompt, with the same learning rate, and generates
-the same number of completions in all:
+Every run starts from SmolLM2-135M-Instruct with a fresh LoRA adapter (r=16, all linear layers, the run's seed),
+sees the task's training questions in the same order, K completions per question, with the same learning rate, and
+generates the same number of completions in all. Methods (each with its class's defaults unless a knob is given):
 
-  nca-sampler     OnlineNCATrainer, reference="sampler"
-  nca-initial     OnlineNCATrainer, reference="initial"
-  infonca-sampler OnlineInfoNCATrainer, reference="sampler"
-  grpo            TRL's GRPOTrainer with its defaults (loss "dapo", rewards scaled per group, no KL)
-  offline-nca     today's demo: K completions per prompt sampled once from the start, then NCATrainer on them
+  nca          OnlineNCATrainer (OnlineNCAConfig's defaults: sampler reference, beta 0.1, reward temperature 0.1)
+  infonca      OnlineInfoNCATrainer (the same defaults)
+  grpo         TRL's GRPOTrainer with GRPOConfig's defaults (loss "dapo", rewards scaled per group, no KL)
+  offline-nca  K completions per question sampled once from the start, then NCATrainer on them (the demo's offline
+               mode), with as many completions as the online runs generate
 
-Held-out greedy accuracy (the demo's questions) is measured at the start and every `--eval_every` steps; each
-point records the completions generated so far and the wall-clock time spent training and generating (evaluation
-excluded). The table and the plot come from one run of this script.
+A knob is written after the method: `nca[reward_temperature=0.5]`, `nca[reference=initial]`, `nca[num_iterations=2]`,
+`nca[k=4]` (K changes the questions per step so that the completions per step stay equal).
 
-    python benchmarks/online_vs_grpo.py --json runs/online_vs_grpo.json        # CPU defaults: about an hour
-    python benchmarks/online_vs_grpo.py --methods nca-sampler,grpo --steps 6    # a quicker comparison
+Tasks (`benchmarks/online_tasks.py`): `arithmetic` (the demo's) and `partial` (two-step problems with partial credit).
+Held-out greedy answers are scored at the start, halfway and at the end, with two checks: `strict` (the last integer
+is right: what the reward pays for) and `anywhere` (the right number appears in the answer), in all and per kind.
+
+Each finished run appends one JSON line to `--records` (runs already there are skipped, so the script resumes);
+`--summarize` prints the table (mean and spread over seeds) and draws the plot from the records.
+
+    python benchmarks/online_vs_grpo.py --records benchmarks/results/online_vs_grpo_seeds.jsonl     # hours on CPU
+    python benchmarks/online_vs_grpo.py --records R.jsonl --summarize --plot docs/online_vs_grpo.png
 """
 
 from __future__ import annotations
@@ -23,231 +29,244 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
+import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-METHODS = ("nca-sampler", "nca-initial", "infonca-sampler", "grpo", "offline-nca")
+sys.path.insert(0, str(Path(__file__).parent))
+from online_tasks import score_answers, task  # noqa: E402
+
+METHODS = ("nca", "grpo", "offline-nca", "infonca")
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """`"nca[reward_temperature=0.5,k=4]"` -> `("nca", {"reward_temperature": 0.5, "k": 4})`."""
+    match = re.fullmatch(r"([a-z-]+)(?:\[(.*)\])?", spec)
+    if match is None or match.group(1) not in METHODS:
+        raise ValueError(f"unknown method {spec!r}: one of {METHODS}, optionally with [knob=value,...]")
+    knobs = {}
+    for item in filter(None, (match.group(2) or "").split(",")):
+        key, value = item.split("=")
+        try:
+            knobs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            knobs[key] = value
+    return match.group(1), knobs
 
 
 class HeldoutCurve(TrainerCallback):
-    """Greedy held-out accuracy every `every` optimizer steps, against completions generated and training time."""
+    """Held-out scores at the given optimizer steps, against completions generated and time spent (evaluation
+    excluded)."""
 
-    def __init__(self, evaluate, every: int, completions_per_step: int, completions_before: int = 0):
-        self.evaluate, self.every = evaluate, every
-        self.per_step, self.before = completions_per_step, completions_before
-        self.points, self.started, self.paused = [], None, 0.0
+    def __init__(self, evaluate, at_steps, completions_per_step: int, before: int = 0, start=None):
+        self.evaluate, self.at_steps = evaluate, set(at_steps)
+        self.per_step, self.before = completions_per_step, before
+        self.points = [] if start is None else [start]
+        self.started, self.paused = None, 0.0
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.time()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-            self.record(model, state.global_step)
-
-    def record(self, model, step: int, seconds: float | None = None):
-        if seconds is None:
+        if state.global_step in self.at_steps or state.global_step == state.max_steps:
             seconds = time.time() - self.started - self.paused
-        paused = time.time()
-        accuracy = self.evaluate(model)
-        self.paused += time.time() - paused
-        self.points.append(
-            {
-                "step": step,
-                "completions": self.before + step * self.per_step,
-                "seconds": round(seconds, 1),
-                "accuracy": accuracy,
-            }
-        )
+            paused = time.time()
+            scores = self.evaluate(model)
+            self.paused += time.time() - paused
+            completions = self.before + state.global_step * self.per_step
+            self.points.append({"step": state.global_step, "completions": completions, "seconds": round(seconds, 1),
+                                **scores})  # fmt: skip
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--model_dir", default="runs/smollm2")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps (one generation each, online)")
-    parser.add_argument("--prompts_per_step", type=int, default=8)
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--learning_rate", type=float, default=5e-4)
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--reward_temperature", type=float, default=0.1)
-    parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--heldout_prompts", type=int, default=96)
-    parser.add_argument("--eval_every", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/online_vs_grpo")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-
+def run(method_spec: str, task_name: str, seed: int, args, base, tokenizer, start_scores) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
     from trl_nca import NCAConfig, NCATrainer, OnlineInfoNCATrainer, OnlineNCAConfig, OnlineNCATrainer
-    from trl_nca.demo import (
-        arithmetic_reward,
-        heldout_accuracy,
-        heldout_problems,
-        load_model,
-        local_run_args,
-        make_problems,
-    )
+    from trl_nca.demo import local_run_args
     from trl_nca.generation import build_reward_dataset
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base, tokenizer = load_model(args.model_dir)
-    on_gpu = torch.cuda.is_available()
-    prompts = make_problems(args.steps * args.prompts_per_step, seed=args.seed)
-    heldout = heldout_problems(args.heldout_prompts, seed=args.seed)
-    per_step = args.prompts_per_step * args.k
+    method, knobs = parse_method(method_spec)
+    k = int(knobs.pop("k", args.k))
+    per_step = args.prompts_per_step * args.k  # completions per step, equal for every method and knob
+    prompts_per_step = per_step // k
+    make, heldout_of, reward = task(task_name)
+    prompts = make(args.steps * prompts_per_step, seed)
+    heldout = heldout_of(args.heldout_prompts, seed)
+    evaluate = evaluator(tokenizer, heldout)
+    out = Path(args.out) / f"{task_name}-{seed}-{method_spec}"
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    common = dict(learning_rate=args.learning_rate, max_steps=args.steps, disable_tqdm=True,
+                  **local_run_args(seed, torch.cuda.is_available()))  # fmt: skip
+    micro = min(per_step, 32)
+    online = dict(common, per_device_train_batch_size=micro, gradient_accumulation_steps=per_step // micro,
+                  num_generations=k, max_completion_length=args.max_new_tokens, temperature=args.temperature,
+                  shuffle_dataset=False)  # fmt: skip
+    model = copy.deepcopy(base)
+    halfway = [args.steps // 2]
+    start_point = {"step": 0, "completions": 0, "seconds": 0.0, **start_scores}
+    started = time.time()
+    if method == "offline-nca":
+        dataset, _ = build_reward_dataset(model, tokenizer, prompts, reward, k=k, temperature=args.temperature,
+                                          max_new_tokens=args.max_new_tokens, seed=seed)  # fmt: skip
+        sampling = time.time() - started
+        curve = HeldoutCurve(evaluate, halfway, 0, before=len(prompts) * k, start={**start_point})
+        curve.points[0]["completions"] = len(prompts) * k
+        curve.points[0]["seconds"] = round(sampling, 1)
+        curve.paused -= sampling  # the sampling time counts
+        config = NCAConfig(output_dir=str(out), **common, per_device_train_batch_size=prompts_per_step,
+                           beta=0.1, reward_temperature=0.1, max_length=256, **knobs)  # fmt: skip
+        trainer = NCATrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=lora)  # fmt: skip
+    else:
+        curve = HeldoutCurve(evaluate, halfway, per_step, start=start_point)
+        train = Dataset.from_list(prompts)
+        if method == "grpo":
+            config = GRPOConfig(output_dir=str(out), **online, **knobs)
+            trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=train,
+                                  processing_class=tokenizer, peft_config=lora)  # fmt: skip
+        else:
+            cls = OnlineNCATrainer if method == "nca" else OnlineInfoNCATrainer
+            config = OnlineNCAConfig(output_dir=str(out), **online, **knobs)
+            trainer = cls(model=model, reward_funcs=reward, args=config, train_dataset=train,
+                          processing_class=tokenizer, peft_config=lora)  # fmt: skip
+    trainer.add_callback(curve)
+    trainer.train()
+    rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
+    return {
+        "task": task_name,
+        "seed": seed,
+        "method": method_spec,
+        "points": curve.points,
+        "final": {key: curve.points[-1][key] for key in ("strict", "anywhere", "by_kind")},
+        "completions": curve.points[-1]["completions"],
+        "train_seconds": curve.points[-1]["seconds"],
+        "sample_reward_first_last": [rewards[0], rewards[-1]] if rewards else None,
+    }
+
+
+def evaluator(tokenizer, heldout):
+    from trl_nca.generation import generate
 
     def evaluate(model):
-        return heldout_accuracy(model, tokenizer, heldout, max_new_tokens=40)[0]
+        answers = generate(model, tokenizer, [p["prompt"] for p in heldout], max_new_tokens=40, batch_size=32,
+                           desc="held-out")  # fmt: skip
+        return score_answers([a[0] for a in answers], heldout)
 
-    start_accuracy = evaluate(base)
-    lora = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
-    common = dict(
-        learning_rate=args.learning_rate,
-        max_steps=args.steps,
-        disable_tqdm=True,
-        **local_run_args(args.seed, on_gpu),
-    )
-    # One generation per optimizer step: the generation batch is one step's prompts x K, in micro-batches of K x 4
-    micro = min(per_step, 4 * args.k)
-    online = dict(
-        common,
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=per_step // micro,
-        num_generations=args.k,
-        max_completion_length=args.max_new_tokens,
-        temperature=args.temperature,
-        shuffle_dataset=False,  # every method sees the prompts in the same order
-    )
-    results = []
-    for method in args.methods.split(","):
-        model = copy.deepcopy(base)
-        curve = HeldoutCurve(evaluate, args.eval_every, per_step)
-        started = time.time()
-        if method == "offline-nca":
-            dataset, _ = build_reward_dataset(
-                model,
-                tokenizer,
-                prompts,
-                arithmetic_reward,
-                k=args.k,
-                temperature=args.temperature,
-                max_new_tokens=args.max_new_tokens,
-                seed=args.seed,
-            )
-            curve.before = len(prompts) * args.k
-            curve.per_step = 0
-            sampling = time.time() - started
-            config = NCAConfig(
-                output_dir=str(out / method),
-                **common,
-                per_device_train_batch_size=args.prompts_per_step,
-                beta=args.beta,
-                reward_temperature=args.reward_temperature,
-                max_length=256,
-            )
-            trainer = NCATrainer(
-                model=model,
-                args=config,
-                train_dataset=dataset,
-                processing_class=tokenizer,
-                peft_config=copy.deepcopy(lora),
-            )
-            curve.points.append(
-                {"step": 0, "completions": curve.before, "seconds": round(sampling, 1), "accuracy": start_accuracy}
-            )
-            curve.paused -= sampling  # the sampling time counts
-        else:
-            train_dataset = Dataset.from_list(prompts)
-            if method == "grpo":
-                trainer = GRPOTrainer(
-                    model=model,
-                    reward_funcs=arithmetic_reward,
-                    args=GRPOConfig(output_dir=str(out / method), **online),
-                    train_dataset=train_dataset,
-                    processing_class=tokenizer,
-                    peft_config=copy.deepcopy(lora),
-                )
-            else:
-                objective, reference = method.split("-")
-                cls = OnlineNCATrainer if objective == "nca" else OnlineInfoNCATrainer
-                config = OnlineNCAConfig(
-                    output_dir=str(out / method),
-                    **online,
-                    beta=args.beta,
-                    reward_temperature=args.reward_temperature,
-                    reference=reference,
-                )
-                trainer = cls(
-                    model=model,
-                    reward_funcs=arithmetic_reward,
-                    args=config,
-                    train_dataset=train_dataset,
-                    processing_class=tokenizer,
-                    peft_config=copy.deepcopy(lora),
-                )
-            curve.points.append({"step": 0, "completions": 0, "seconds": 0.0, "accuracy": start_accuracy})
-        trainer.add_callback(curve)
-        trainer.train()
-        rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
-        results.append(
-            {
-                "method": method,
-                "points": curve.points,
-                "final_accuracy": curve.points[-1]["accuracy"],
-                "completions": curve.points[-1]["completions"],
-                "train_seconds": curve.points[-1]["seconds"],
-                "mean_sample_reward": sum(rewards) / len(rewards) if rewards else None,
-            }
+    return evaluate
+
+
+def summarize(records: list[dict], plot_path: str | None) -> str:
+    lines = ["| task | method | seeds | start strict | end strict (mean ± sd) | change | end anywhere | completions |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["task"], record["method"]), []).append(record)
+    for (task_name, method), runs in sorted(groups.items()):
+        start = [r["points"][0]["strict"] for r in runs]
+        end = [r["final"]["strict"] for r in runs]
+        anywhere = [r["final"]["anywhere"] for r in runs]
+        change = [e - s for s, e in zip(start, end)]
+        sd = statistics.stdev(end) if len(end) > 1 else 0.0
+        lines.append(
+            f"| {task_name} | {method} | {len(runs)} | {statistics.mean(start):.3f} | {statistics.mean(end):.3f} ± "
+            f"{sd:.3f} | {statistics.mean(change):+.3f} | {statistics.mean(anywhere):.3f} | {runs[0]['completions']} |"
         )
-        print(json.dumps(results[-1]), flush=True)
-
-    print(
-        f"\nSmolLM2-135M-Instruct + LoRA r=16, {args.steps} steps x {args.prompts_per_step} prompts x K={args.k}, "
-        f"lr {args.learning_rate}, held-out {len(heldout)} questions, seed {args.seed}\n"
-    )
-    print("| method | held-out accuracy start | end | change | completions generated | training time (s) |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        print(
-            f"| {r['method']} | {start_accuracy:.3f} | {r['final_accuracy']:.3f} | "
-            f"{r['final_accuracy'] - start_accuracy:+.3f} | {r['completions']} | {r['train_seconds']:.0f} |"
-        )
-    plot(results, out / "online_vs_grpo.png")
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"settings": vars(args), "start_accuracy": start_accuracy, "results": results}, indent=2)
-        )
+    lines += ["", "Per kind (end, strict / anywhere, mean over seeds):", ""]
+    for (task_name, method), runs in sorted(groups.items()):
+        kinds = sorted(runs[0]["final"]["by_kind"])
+        cells = []
+        for kind in kinds:
+            strict = statistics.mean(r["final"]["by_kind"][kind]["strict"] for r in runs)
+            anywhere = statistics.mean(r["final"]["by_kind"][kind]["anywhere"] for r in runs)
+            start = statistics.mean(r["points"][0]["by_kind"][kind]["strict"] for r in runs)
+            cells.append(f"{kind} {start:.2f}->{strict:.2f}/{anywhere:.2f}")
+        lines.append(f"- {task_name} {method}: " + ", ".join(cells))
+    if plot_path:
+        plot(groups, plot_path)
+    return "\n".join(lines)
 
 
-def plot(results, path):
+def plot(groups, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for r in results:
-        points = r["points"]
-        left.plot([p["completions"] for p in points], [p["accuracy"] for p in points], marker="o", label=r["method"])
-        right.plot([p["seconds"] for p in points], [p["accuracy"] for p in points], marker="o", label=r["method"])
-    left.set_xlabel("completions generated")
-    right.set_xlabel("training + generation time (s)")
-    for axis in (left, right):
-        axis.set_ylabel("held-out greedy accuracy")
+    tasks = sorted({t for t, _ in groups})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    for axis, task_name in zip(axes[0], tasks):
+        for (t, method), runs in sorted(groups.items()):
+            if t != task_name:
+                continue
+            x = [p["completions"] for p in runs[0]["points"]]
+            values = [[r["points"][i]["strict"] for r in runs] for i in range(len(x))]
+            mean = [statistics.mean(v) for v in values]
+            low, high = [min(v) for v in values], [max(v) for v in values]
+            line = axis.plot(x, mean, marker="o", label=f"{method} ({len(runs)} seeds)")[0]
+            axis.fill_between(x, low, high, alpha=0.15, color=line.get_color())
+        axis.set_title(task_name)
+        axis.set_xlabel("completions generated")
+        axis.set_ylabel("held-out greedy accuracy (strict)")
         axis.legend(fontsize=7)
-    fig.suptitle("Online NCA vs GRPO vs one offline round (SmolLM2-135M, arithmetic)")
+    fig.suptitle("SmolLM2-135M + LoRA: mean over seeds, band = min..max")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; knobs in brackets")
+    parser.add_argument("--tasks", default="arithmetic,partial")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--model_dir", default="runs/smollm2")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps (one generation each, online)")
+    parser.add_argument("--prompts_per_step", type=int, default=4)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--heldout_prompts", type=int, default=64)
+    parser.add_argument("--out", default="runs/online_vs_grpo")
+    parser.add_argument("--records", required=True, help="JSON lines, one per finished run (appended)")
+    parser.add_argument("--summarize", action="store_true", help="print the table from --records and stop")
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args(argv)
+
+    path = Path(args.records)
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if args.summarize:
+        print(summarize(records, args.plot))
+        return
+    from trl_nca.demo import load_model
+
+    base, tokenizer = load_model(args.model_dir)
+    done = {(r["task"], r["seed"], r["method"]) for r in records}
+    methods = args.methods.split(",")
+    # seeds outermost, so that an interrupted study has every method on the first seeds
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for task_name in args.tasks.split(","):
+            todo = [m for m in methods if (task_name, seed, m) not in done]
+            if not todo:
+                continue
+            _, heldout_of, _ = task(task_name)
+            start = evaluator(tokenizer, heldout_of(args.heldout_prompts, seed))(base)
+            for method in todo:
+                record = run(method, task_name, seed, args, base, tokenizer, start)
+                record["settings"] = {k: v for k, v in vars(args).items() if k not in ("records", "summarize")}
+                with path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(json.dumps({k: record[k] for k in ("task", "seed", "method", "final", "train_seconds")}),
+                      flush=True)  # fmt: skip
+    print(summarize([json.loads(line) for line in path.read_text().splitlines()], args.plot))
 
 
 if __name__ == "__main__":

@@ -139,12 +139,19 @@ def test_empty_datasets_are_refused_before_training(tokenizer, model, tmp_path):
         )
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("max_length", [2, 8])
-def test_a_max_length_that_empties_the_dataset_says_so(max_length, tokenizer, model, tmp_path):
+def test_a_max_length_that_empties_the_dataset_says_so(max_length, stream, tokenizer, model, tmp_path):
+    """In memory or streamed (where it would otherwise train 0 steps and save the untrained model), before training."""
+    data = k_response_dataset()
+    prompts = [tokenizer.apply_chat_template(p, add_generation_prompt=True)["input_ids"] for p in data["prompt"]]
+    shortest = min(map(len, prompts))
     with pytest.raises(
-        ValueError, match=f"max_length={max_length} leaves the train dataset empty: each of its 8 rows"
+        ValueError,
+        match=f"max_length={max_length} leaves the train dataset empty: each of its 8 rows has a prompt of "
+        f"{max_length} tokens or more \\(the shortest has {shortest}\\)",
     ):
-        trainer_on(k_response_dataset(), tokenizer, model, tmp_path, max_length=max_length)
+        trainer_on(data.to_iterable_dataset() if stream else data, tokenizer, model, tmp_path, max_length=max_length)
 
 
 # --- The command ---------------------------------------------------------------------------------------------------

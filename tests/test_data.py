@@ -197,6 +197,23 @@ def test_bad_source_layout_values_name_their_own_columns():
         to_k_responses(uf, row=3, ultrafeedback_reward="mean_rating")
 
 
+@pytest.mark.parametrize("column", ["scores", "score", "reward", "ratings", "preference_scores"])
+def test_scores_beside_completions_under_another_name_are_never_replaced_by_the_list_order(column):
+    """Without `rewards` the completions read as ranked best first; a list of numbers, one per completion, under
+    another name would be silently ignored (and its order may be the reverse of the scores'): an error instead."""
+    scored = {"prompt": "Q", "completions": ["a", "b", "c"], column: [0.0, 2, 1.5]}
+    with pytest.raises(ValueError, match=rf"Row 1, column '{column}': 3 numbers beside the 3 `completions`.*rename "
+                       rf"'{column}' to `rewards`"):  # fmt: skip
+        convert_to_k_responses(rows({"prompt": "Q", "completions": ["x", "y"], column: [1.0, 2, 3]}, scored))
+    pairs = {"A0": USER + answer("a"), "A1": USER + answer("b")}
+    with pytest.raises(ValueError, match=rf"Row 0, column '{column}': 2 numbers beside the 2 `A0`, `A1`"):
+        convert_to_k_responses(rows({**pairs, column: [1, 3]}))
+    # Other columns (text, numbers of another length, one number per row) leave the listed order in charge
+    ranked = to_k_responses({"prompt": "Q", "completions": ["a", "b"], "tags": ["x", "y"], "lengths": [1, 2, 3],
+                             "id": 4})  # fmt: skip
+    assert ranked["rewards"] == [0.0, -1.0] and ranked["ordered"]
+
+
 def test_unknown_or_incomplete_layout_lists_the_accepted_ones():
     with pytest.raises(
         ValueError,

@@ -84,7 +84,10 @@ def test_reward_dataset_builder_with_a_tiny_model_and_a_toy_reward(tokenizer, mo
 
 
 def test_resolve_reward_specs():
-    assert resolve_reward("trl_nca.demo.arithmetic:arithmetic_reward") is arithmetic_reward
+    # a function named by a spec comes wrapped, so that its errors name the spec; its name (GRPO's metric key) stays
+    resolved = resolve_reward("trl_nca.demo.arithmetic:arithmetic_reward")
+    assert resolved.__wrapped__ is arithmetic_reward and resolved.__name__ == "arithmetic_reward"
+    assert resolved(prompts=["q"], completions=["7"], answer=[7]) == arithmetic_reward(["q"], ["7"], [7])
     assert resolve_reward(arithmetic_reward) is arithmetic_reward
     # the library knows no task by name: the demo's reward is a module:function like any other
     with pytest.raises(ValueError, match="Unknown reward 'arithmetic': give 'module:function'"):

@@ -28,10 +28,11 @@ def test_first_step_loss_and_gradient_match_dpo(
     our_loss, our_grads = first_batch_loss_and_grads(ours)
 
     assert dpo_loss.item() > 0.05  # the reference differs from the policy: not the value at initialisation
-    torch.testing.assert_close(our_loss, dpo_loss, rtol=1e-6, atol=1e-6)
+    # The loss is beta times differences of float32 log-probs of ~50: precise to a few 1e-6 absolute, not 1e-6
+    torch.testing.assert_close(our_loss, dpo_loss, rtol=1e-5, atol=1e-5)
     assert our_grads.keys() == dpo_grads.keys()
     for name in dpo_grads:
-        torch.testing.assert_close(our_grads[name], dpo_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(our_grads[name], dpo_grads[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -48,6 +49,8 @@ def test_one_training_step_logs_dpo_keys_with_dpo_values(
     dpo.train()
     ours.train()
     dpo_log, our_log = dpo.state.log_history[0], ours.state.log_history[0]
+    # Rewards and margins are differences of float32 log-probs: precise to the log-probs' magnitude, not their own
+    logps_scale = abs(dpo_log["logps/chosen"]) + abs(dpo_log["logps/rejected"])
     for key in [
         "loss",
         "grad_norm",
@@ -60,7 +63,7 @@ def test_one_training_step_logs_dpo_keys_with_dpo_values(
         "entropy",
         "mean_token_accuracy",
     ]:
-        assert our_log[key] == pytest.approx(dpo_log[key], rel=1e-5, abs=1e-6), key
+        assert our_log[key] == pytest.approx(dpo_log[key], rel=1e-5, abs=1e-6 * logps_scale), key
     # num_tokens counts the tokens fed to the model: DPO's count in the padded layout, fewer with a shared prompt
     if prompt_sharing == "off":
         assert our_log["num_tokens"] == dpo_log["num_tokens"]

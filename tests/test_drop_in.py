@@ -318,3 +318,25 @@ def test_disable_dropout_as_in_dpo(tokenizer, tmp_path):
         )
         dropouts[disable] = {m.p for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)}
     assert dropouts == {True: {0.0}, False: {0.1, 0.3}}
+
+
+def test_disable_dropout_reaches_the_attention_dropout_models_apply_functionally(tokenizer, tmp_path):
+    """DPOConfig's `disable_dropout=True` (TRL's `disable_dropout_in_model`) sets nn.Dropout modules to 0, but
+    Llama-style attention applies `self.attention_dropout` functionally: the policy and reference forwards then saw
+    different dropout masks, so the loss at initialisation was not NCA's 2 log 2."""
+    from conftest import build_model
+
+    from trl_nca.dropout import has_active_dropout
+
+    model = build_model(tokenizer)
+    model.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    trainer = NCATrainer(model=model, args=nca_args(tmp_path), train_dataset=k_response_dataset(counts=(3, 4)),
+                         processing_class=tokenizer)  # fmt: skip
+    assert not has_active_dropout(trainer.model) and not has_active_dropout(trainer.ref_model)
+    trainer.model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+    assert loss.item() == pytest.approx(2 * math.log(2), rel=1e-6)

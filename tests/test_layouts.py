@@ -7,8 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import build_model
+from datasets import Dataset
 from helpers import k_response_dataset, nca_args
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
 from trl.trainer.utils import add_fused_lm_head
 
 from trl_nca import InfoNCATrainer, NCATrainer
@@ -65,8 +67,9 @@ def test_every_layout_gives_the_log_probs_of_separate_forwards(attn, layout, tok
     with torch.no_grad():
         policy, _, _ = trainer._sequence_logps(trainer.model, batch)
     reference = trainer.compute_ref_log_probs(trainer.ref_model, batch)[batch["response_mask"]]
-    torch.testing.assert_close(policy.double(), separate_logps(trainer.model, rows), atol=1e-4, rtol=0)
-    torch.testing.assert_close(reference.double(), separate_logps(trainer.ref_model, rows), atol=1e-4, rtol=0)
+    # Summed log-probs of ~170 computed in float32: equal to a relative 1e-5 (a wrong token or context is off by ~1)
+    torch.testing.assert_close(policy.double(), separate_logps(trainer.model, rows), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reference.double(), separate_logps(trainer.ref_model, rows), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [NCATrainer, InfoNCATrainer])
@@ -123,7 +126,8 @@ def test_a_response_never_sees_another(layout, tokenizer, model, tmp_path):
         before, _, _ = trainer._sequence_logps(trainer.model, trainer.data_collator([row]))
         after, _, _ = trainer._sequence_logps(trainer.model, trainer.data_collator([changed]))
     assert not torch.isclose(before[1], after[1])
-    torch.testing.assert_close(after[[0, 2, 3]], before[[0, 2, 3]], atol=1e-6, rtol=0)
+    # log-probs of ~170: the changed response changes the row's length, and so the kernels' order of summation
+    torch.testing.assert_close(after[[0, 2, 3]], before[[0, 2, 3]], atol=1e-5, rtol=1e-5)
 
 
 def test_tokens_fed_by_each_layout():
@@ -182,8 +186,8 @@ def test_response_head_equals_trls_fused_head(tokenizer, model):
         finally:
             scoring.KEEP_BYTES, scoring.CHUNK_TOKENS = saved, chunk
         assert torch.equal(ours.labelled, scored)
-        torch.testing.assert_close(ours.log_probs, fused.log_probs[scored], atol=1e-5, rtol=0)
-        torch.testing.assert_close(ours.entropy, fused.entropy[scored], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.log_probs, fused.log_probs[scored], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.entropy, fused.entropy[scored], atol=1e-5, rtol=1e-5)
         assert torch.equal(ours.is_top1, fused.is_top1[scored].bool())
         for (name, a), (_, b) in zip(ours_model.named_parameters(), fused_model.named_parameters()):
             torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -271,4 +275,60 @@ def test_flex_attention_block_mask_gives_the_log_probs_of_separate_forwards(pack
     with torch.no_grad():
         policy, _, _ = trainer._sequence_logps(trainer.model, batch)
     model.config._attn_implementation = "sdpa"  # the independent computation
-    torch.testing.assert_close(policy.double(), separate_logps(trainer.model, rows), atol=1e-4, rtol=0)
+    torch.testing.assert_close(policy.double(), separate_logps(trainer.model, rows), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wrap", [None, "lora"])
+def test_reentrant_checkpointing_turned_on_on_the_model_itself(wrap, tokenizer, model, tmp_path):
+    """Gradient checkpointing enabled on the model (reentrant, as PEFT's `prepare_model_for_kbit_training` does by
+    default) with `args.gradient_checkpointing` off: reentrant checkpointing passes no gradient to the prompt's keys
+    and values, so every layout `auto` may pick must give the gradients of `off`, and `cache` is refused up front."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if wrap:
+        model.enable_input_require_grads()  # as prepare_model_for_kbit_training does, so that LoRA gets gradients
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    with pytest.raises(ValueError, match="cache: reentrant gradient checkpointing drops the gradient"):
+        make_trainer(tokenizer, copy.deepcopy(model), tmp_path, prompt_sharing="cache")
+    trainer = make_trainer(tokenizer, model, tmp_path, prompt_sharing="auto")
+    trainer.model.train()
+    rows = [trainer.train_dataset[i] for i in range(8)]
+    weights = torch.linspace(-1, 1, 26)  # a loss that weighs every response differently
+    grads, collators = {}, {"off": COLLATORS["padded"](tokenizer.pad_token_id), **trainer.data_collator.collators}
+    for name, collator in collators.items():
+        trainer.model.zero_grad()
+        logps, _, _ = trainer._sequence_logps(trainer.model, collator(rows))
+        (logps * weights[: len(logps)]).sum().backward()
+        grads[name] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    assert set(grads) == {"off", "mask", "padded"} and len(grads["off"]) > 0
+    for name in ["mask", "padded"]:
+        for param, grad in grads["off"].items():
+            torch.testing.assert_close(grads[name][param], grad, atol=1e-5, rtol=1e-4, msg=f"{name}: {param}")
+    # Turned on after the trainer was built: the prompt-cache forward refuses to drop the gradient silently
+    cached = make_trainer(tokenizer, build_model(tokenizer), tmp_path, prompt_sharing="cache")
+    cached.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    cached.model.train()
+    with pytest.raises(ValueError, match="reentrant gradient checkpointing drops the gradient"):
+        cached._sequence_logps(cached.model, cached.data_collator(rows))
+
+
+def test_a_prompt_whose_last_tokens_merge_with_its_responses(tokenizer, model, tmp_path):
+    """'Wh' + 'at ...' tokenizes as 'What ...': DPO's prompt/completion boundary (their common prefix) leaves the
+    prompt no token of its own. The padded layout takes such a row; the prompt-sharing layouts cannot, so `auto` builds
+    any batch holding one padded, and a layout that shares the prompt is refused up front, naming the row."""
+    data = Dataset.from_list([
+        {"prompt": "Write a poem about the sea. ", "completions": ["The sea and the stars.", "four", "hello"],
+         "rewards": [1.0, 0.0, 0.5]},
+        {"prompt": "Wh", "completions": ["at is two plus two?", "at is it?"], "rewards": [1.0, 0.0]},
+    ])  # fmt: skip
+    for sharing in ["on", "mask", "cache"]:
+        with pytest.raises(ValueError, match=rf"Row 1, column 'prompt': .*no token of its own.*'{sharing}'"):
+            NCATrainer(model=model, args=nca_args(tmp_path, prompt_sharing=sharing), train_dataset=data,
+                       processing_class=tokenizer)  # fmt: skip
+    trainer = NCATrainer(model=model, args=nca_args(tmp_path), train_dataset=data, processing_class=tokenizer)
+    rows = [trainer.train_dataset[i] for i in range(2)]
+    assert rows[1]["prompt_ids"] == [] and tokenizer.decode(rows[1]["completion_ids"][1]) == "What is it?<|im_end|>"
+    with_a_prompt_token = {**rows[1], "prompt_ids": rows[1]["completion_ids"][0][:1]}
+    assert trainer.data_collator.choose([rows[0], with_a_prompt_token]) != "padded"  # the cost model alone would share
+    assert trainer.data_collator.choose(rows) == "padded"
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(2 * math.log(2), rel=1e-5)  # policy == reference

@@ -352,3 +352,66 @@ def test_nca_terms_weights_match_the_closed_form():
     (grad,) = torch.autograd.grad(nca_terms(r, p, torch.tensor(3.0)).sum(), r)
     s = torch.sigmoid(r.detach())
     torch.testing.assert_close(-grad, p * (1 - s) - s / 3)
+
+
+def test_reward_weights_that_are_not_finite_are_refused_and_a_dropped_grpo_beta_warns(tmp_path, caplog):
+    with pytest.raises(ValueError, match=r"`reward_weights` must be finite numbers, got \[1.0, nan\]"):
+        online_args(tmp_path, reward_weights=[1.0, float("nan")])
+    grpo = GRPOConfig(output_dir="unused", use_cpu=True, bf16=False, num_generations=2, report_to=[], beta=0.04)
+    with caplog.at_level(logging.WARNING):
+        assert OnlineNCAConfig.from_grpo_config(grpo).beta == 0.1
+    assert "GRPO's `beta=0.04` (a KL coefficient) is not carried over" in caplog.text
+
+
+# --- image prompts (tiny vision-language models built offline, tests/vlm_helpers.py) ------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: two threads only contend (several times slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "llava"])
+def test_image_prompts_the_policy_sees_the_images_its_reference_saw(kind, tmp_path, one_thread):
+    """GRPO computes the reference log-probs with the images; before, the policy forward dropped them, so at
+    initialisation (LoRA's B = 0: policy = reference) log pi - log pi_ref was far from 0. Now it is 0, the loss is
+    NCA's value at initialisation, and the policy's per-token log-probs are GRPO's own forward's on the same batch."""
+    from vlm_helpers import build_vlm, build_vlm_processor, small_images
+
+    processor = build_vlm_processor(kind)
+    images = small_images(2)
+    rows = [{"prompt": [{"role": "user", "content": "Describe the image."}], "image": image} for image in images]
+    trainer = OnlineNCATrainer(
+        model=build_vlm(processor, kind), reward_funcs=length_reward, processing_class=processor,
+        args=online_args(tmp_path, reference="initial", num_generations=2, max_completion_length=4,
+                         per_device_train_batch_size=4),
+        train_dataset=Dataset.from_list(rows), peft_config=lora(random_init=False),
+    )  # fmt: skip
+    trainer.model.eval()
+    batch = trainer._generate_and_score_completions([rows[0], rows[0], rows[1], rows[1]])
+    assert batch.get("pixel_values") is not None
+    recorded = []
+    forward = trainer._get_per_token_logps_and_entropies
+
+    def record(*args, **kwargs):
+        recorded.append(forward(*args, **kwargs)[0].detach())
+        return forward(*args, **kwargs)
+
+    trainer._get_per_token_logps_and_entropies = record
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        GRPOTrainer._compute_loss(trainer, trainer.model, batch)
+    ours, grpos = recorded
+    mask = batch["completion_mask"].bool()
+    torch.testing.assert_close(ours[mask], grpos[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[mask], batch["ref_per_token_logps"][mask], atol=1e-5, rtol=1e-5)
+    assert loss.item() == pytest.approx(2 * math.log(2), rel=1e-5)
+    # and without the images, the same completions score differently: the test could fail
+    text_only = {k: v for k, v in batch.items() if k not in FORWARD_FIELDS or k == "token_type_ids"}
+    with torch.no_grad():
+        blind = trainer._policy_forward(trainer.model, {**text_only, "pixel_values": None})[0]
+    assert (blind[mask] - ours[mask]).abs().max() > 1e-3

@@ -116,7 +116,7 @@ def test_shared_prompt_layout_matches_separate_forwards_on_smollm2(attn, smollm2
                 ids = torch.tensor([row["prompt_ids"] + completion])
                 lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])
                 separate.append(lp[len(row["prompt_ids"]) - 1 :, 0].sum())
-    torch.testing.assert_close(shared, torch.stack(separate), atol=1e-4, rtol=0)
+    torch.testing.assert_close(shared, torch.stack(separate), atol=1e-5, rtol=1e-5)  # float32 model: relative
 
 
 def test_two_online_steps_on_smollm2(smollm2, tmp_path):

@@ -4,14 +4,17 @@ import copy
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers import k_response_dataset, nca_args, pairwise_dataset, user
-from peft import LoraConfig
+from helpers import ANSWERS, QUESTIONS, k_response_dataset, nca_args, pairwise_dataset, user
+from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from transformers import AutoModelForCausalLM
 
 from trl_nca import InfoNCATrainer, NCAConfig, NCATrainer
+from trl_nca.layouts import PROMPT_SHARING
+from trl_nca.losses import nca_loss
 
 TRAINERS = [NCATrainer, InfoNCATrainer]
 
@@ -88,6 +91,57 @@ def test_lora_trains_only_the_adapter_against_the_disabled_adapter_reference(tok
     # the adapter's B starts at zero, so the first step sees policy == reference: NCA's 2 log 2
     assert trainer.state.log_history[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-5)
     assert trainer.state.log_history[1]["loss"] != pytest.approx(2 * math.log(2), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "peft_config",
+    [PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+     PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)],
+    ids=["prompt_tuning", "prefix_tuning"],
+)  # fmt: skip
+def test_prompt_learning_peft_trains_in_the_padded_layout(peft_config, tokenizer, model, tmp_path):
+    """Prompt tuning prepends virtual tokens to each sequence, prefix tuning keys and values to each layer. The padded
+    layout scores the real tokens against the adapter-disabled reference (the loss of an independent computation);
+    the prompt-sharing layouts cannot take the virtual tokens: `auto` leaves them out, naming them is refused."""
+    for sharing in ["mask", "cache", "on"]:
+        with pytest.raises(ValueError, match=f"prompt_sharing='{sharing}' is not possible here .*prompt-learning"):
+            NCATrainer(model=copy.deepcopy(model), args=nca_args(tmp_path, prompt_sharing=sharing),
+                       train_dataset=k_response_dataset(), processing_class=tokenizer,
+                       peft_config=peft_config)  # fmt: skip
+    trainer = NCATrainer(
+        model=model,
+        args=nca_args(tmp_path, reward_temperature=0.5),
+        train_dataset=k_response_dataset(),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    assert type(trainer.data_collator).__name__ == "DataCollatorForKResponses"
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters() if p.requires_grad)
+
+    def logps_of(peft_model):  # each prompt+response alone, float64 log-softmax of the real positions' logits
+        out = []
+        with torch.no_grad():
+            for row in rows:
+                for completion in row["completion_ids"]:
+                    ids = torch.tensor([row["prompt_ids"] + completion])
+                    logits = peft_model(input_ids=ids).logits[0, -ids.size(1) : -1].double()
+                    logps = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+                    out.append(logps[len(row["prompt_ids"]) - 1 :].sum())
+        return torch.stack(out)
+
+    policy = logps_of(trainer.model)
+    with trainer.model.disable_adapter():
+        reference = logps_of(trainer.model)
+    assert (policy - reference).abs().max() > 1e-3  # the adapter changes the policy
+    batch = trainer.data_collator(rows)
+    mask = batch["response_mask"]
+    expected = nca_loss(mask.double().masked_scatter(mask, policy), mask.double().masked_scatter(mask, reference),
+                        batch["rewards"].double(), mask, beta=0.5, reward_temperature=0.5).mean()  # fmt: skip
+    # NCA of float32 log-probs of ~100 (beta 0.5): 1e-4 relative; a token out of place would move it by ~0.1
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("cls", TRAINERS)
@@ -266,25 +320,48 @@ def test_streaming_dataset_and_text_rows_with_eos(tokenizer, model, tmp_path):
     assert streamed.state.log_history[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-5)
 
 
-@pytest.mark.parametrize("prompt_sharing, sequences", [("off", 13), ("mask", 4), ("cache", 13)])
-def test_compute_metrics_receives_logits_of_every_sequence(prompt_sharing, sequences, tokenizer, model, tmp_path):
-    data = k_response_dataset(counts=(4, 2, 3, 4))
+def test_prompt_sharing_help_and_docstring_describe_every_mode():
+    help_text = NCAConfig.__dataclass_fields__["prompt_sharing"].metadata["help"]
+    doc = NCAConfig.__doc__.split("prompt_sharing (")[1]
+    for mode in PROMPT_SHARING:
+        assert f"'{mode}'" in help_text and f'`"{mode}"`' in doc, mode
+
+
+def test_compute_metrics_gets_the_same_logits_and_labels_whatever_the_layout(tokenizer, model, tmp_path):
+    """As DPOTrainer hands `compute_metrics` the logits of its chosen and rejected sequences (their `input_ids` as
+    `label_ids`), every layout hands over one prompt+response sequence per response, row by row and response by
+    response: the same arrays under every `prompt_sharing`, `auto` included, which builds these three rows in three
+    different layouts."""
+    data = Dataset.from_list([
+        {"prompt": "Q", "completions": [" one", " two"], "rewards": [1.0, 0.0]},  # a 1-token prompt: padded
+        {"prompt": " ".join(QUESTIONS) * 2, "completions": [" ".join(ANSWERS[i:] + ANSWERS[:i]) for i in range(3)],
+         "rewards": [1.0, 0.0, 2.0]},  # a long prompt and long responses: the prompt cache
+        {"prompt": QUESTIONS[2], "completions": ANSWERS[:4], "rewards": [1.0, 0.0, 2.0, 3.0]},  # mask
+    ])  # fmt: skip
     seen = {}
-
-    def compute_metrics(prediction):
-        seen["shape"] = prediction.predictions.shape
-        return {"sequences": float(prediction.predictions.shape[0])}
-
-    trainer = NCATrainer(
-        model=model,
-        args=nca_args(tmp_path, prompt_sharing=prompt_sharing),
-        train_dataset=data,
-        eval_dataset=data,
-        processing_class=tokenizer,
-        compute_metrics=compute_metrics,
-    )
-    metrics = trainer.evaluate()
-    # padded: one sequence per response (4 + 2 + 3 + 4); shared prompt: one sequence per row
-    assert metrics["eval_sequences"] == sequences
-    assert seen["shape"][-1] == len(tokenizer)
-    assert metrics["eval_loss"] == pytest.approx(2 * math.log(2), rel=1e-6)
+    for sharing in PROMPT_SHARING:
+        trainer = NCATrainer(
+            model=copy.deepcopy(model),
+            args=nca_args(tmp_path, prompt_sharing=sharing, per_device_eval_batch_size=1),
+            train_dataset=data,
+            eval_dataset=data,
+            processing_class=tokenizer,
+            compute_metrics=lambda prediction, sharing=sharing: seen.setdefault(sharing, prediction) and {},
+        )
+        metrics = trainer.evaluate()
+        assert metrics["eval_loss"] == pytest.approx(2 * math.log(2), rel=1e-6)
+        if sharing == "auto":
+            assert trainer.data_collator.counts == {"padded": 1, "cache": 1, "mask": 1}
+    # The expectation, computed independently: each prompt+response on its own through the plain model
+    sequences = [row["prompt_ids"] + ids for row in trainer.eval_dataset for ids in row["completion_ids"]]
+    logits, labels = seen["off"].predictions, seen["off"].label_ids
+    assert logits.shape == (len(sequences), max(map(len, sequences)), len(tokenizer))
+    assert labels.shape == logits.shape[:2]
+    with torch.no_grad():
+        for n, ids in enumerate(sequences):
+            assert labels[n, : len(ids)].tolist() == ids
+            expected = model(input_ids=torch.tensor([ids])).logits[0]
+            torch.testing.assert_close(torch.from_numpy(logits[n, : len(ids)]), expected, rtol=1e-5, atol=1e-5)
+    for sharing, prediction in seen.items():
+        np.testing.assert_array_equal(prediction.label_ids, labels, err_msg=sharing)
+        np.testing.assert_allclose(prediction.predictions, logits, rtol=1e-5, atol=1e-5, err_msg=sharing)

@@ -1,13 +1,16 @@
 """`trl-nca` (also `python -m trl_nca`): dispatches each subcommand to its script in `trl_nca.scripts` (or the demo).
 
-Errors a newcomer hits (missing file or dataset, unknown subcommand or recipe field, a GPU recipe on a machine
-without one) end as one line on stderr and exit code 2, not a traceback; `TRL_NCA_DEBUG=1` shows the traceback.
+Errors a newcomer hits (missing file or dataset, unknown subcommand or recipe field, a recipe that is not valid YAML,
+a GPU recipe on a machine without one) end as one line on stderr and exit code 2, not a traceback; `TRL_NCA_DEBUG=1`
+shows the traceback.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+import yaml
 
 USAGE = """usage: trl-nca {nca,infonca,online} --config RECIPE.yaml [--field value ...]
        trl-nca prepare {ultrafeedback SOURCE,smollm2} --output_dir DIR [options]
@@ -49,7 +52,10 @@ def _train(command: str, argv: list[str]) -> int:
         # A recipe or flag that sets these explicitly still wins.
         parser.set_defaults(bf16=False, use_cpu=True, gradient_checkpointing=False)
         print("trl-nca: no GPU found: training on CPU in float32 (bf16=False, gradient_checkpointing=False).")
-    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config()[:4]
+    try:
+        script_args, training_args, model_args, dataset_args = parser.parse_args_and_config()[:4]
+    except yaml.YAMLError as error:
+        raise ValueError(_yaml_problem(error)) from None
     if on_cpu and (training_args.bf16 or training_args.fp16):
         print(_one_line("this recipe needs a GPU (it sets bf16 or fp16); on CPU add --bf16 false"), file=sys.stderr)
         return 2
@@ -61,6 +67,15 @@ def _train(command: str, argv: list[str]) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _yaml_problem(error) -> str:
+    """`Recipe FILE is not valid YAML: PROBLEM (line L, column C)` from PyYAML's multi-line report."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    name = mark.name if mark is not None else "the --config file"
+    return f"Recipe {name} is not valid YAML: {problem}{where}"
 
 
 def _one_line(message: str) -> str:

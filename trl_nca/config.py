@@ -47,10 +47,15 @@ class NCAConfig(DPOConfig):
             Which score of raw UltraFeedback rows (`instruction`, `completions` as dicts) becomes the reward:
             `"overall_score"`, `"fine-grained_score"`, or `"mean_rating"` (the mean of the annotations' ratings).
         prompt_sharing (`str`, *optional*, defaults to `"auto"`):
-            `"auto"`: encode each prompt once for all its responses where the attention implementation takes a custom
-            4D mask (`sdpa`, `eager`, `flex_attention`) and truncation is `keep_start`, else the padded layout with
-            one warning. `"on"`: always (an error where it cannot work). `"off"`: the padded layout (K
-            prompt+response sequences per row).
+            How a batch of K-response rows becomes model inputs (`docs/layouts.md`). `"off"`: the padded layout, K
+            prompt+response sequences per row; works everywhere. `"mask"`: each row's prompt once and its responses
+            after it in one sequence with a 4D attention mask (`sdpa`, `eager`, `flex_attention`). `"cache"`: each
+            row's prompt run once and each response on top of its keys and values (any attention implementation).
+            `"on"`: the cheaper of `"mask"` and `"cache"` for each batch. `"auto"`: the cheapest of the three for each
+            batch by a cost model, among those the model and settings allow (the others named in one warning).
+            Where a layout cannot work (`keep_end` truncation, an MoE router loss, prompt-learning PEFT, reentrant
+            gradient checkpointing or sliding-window attention for `"cache"`, a prompt left without a token of its
+            own), `"auto"` leaves it out and naming it raises a `ValueError` with the reason.
     """
 
     reward_temperature: float = field(
@@ -74,10 +79,11 @@ class NCAConfig(DPOConfig):
     prompt_sharing: str = field(
         default="auto",
         metadata={
-            "help": "Encode each prompt once for all its responses (the shared-prompt layout): 'auto' (default) where "
-            "the attention implementation takes a custom 4D mask (sdpa, eager, flex_attention), else the padded "
-            "layout with one warning; 'on' (an error where it cannot work); 'off' (the padded layout: K "
-            "prompt+response sequences).",
+            "help": "How K responses become model inputs: 'off' (padded: K prompt+response sequences per row, works "
+            "everywhere); 'mask' (each prompt once, its responses after it, a 4D attention mask: sdpa, eager, "
+            "flex_attention); 'cache' (each prompt run once, each response on its keys and values); 'on' (the "
+            "cheaper of mask and cache per batch); 'auto' (default: the cheapest allowed layout per batch by a cost "
+            "model). A named layout that cannot work here raises an error with the reason; 'auto' leaves it out.",
             "choices": list(PROMPT_SHARING),
         },
     )

@@ -186,10 +186,31 @@ def rank_rewards(num_responses: int) -> list[float]:
     return [-float(k) for k in range(num_responses)]
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_no_unread_scores(example: dict, count: int, columns: list[str], row: int | None) -> None:
+    """The `count` responses of `columns` have no scores and are read as ranked best first. A list of `count`
+    numbers in another column (`scores`, `reward`, `ratings`, ...) would then be ignored, and its order may be the
+    reverse of the listed one: a `ValueError` naming the row and the column instead of training on the listed order."""
+    for column, value in example.items():
+        if column in columns or column in ("prompt", "ordered") or not isinstance(value, (list, tuple)):
+            continue
+        if len(value) == count and all(v is None or _is_number(v) for v in value) and any(map(_is_number, value)):
+            raise RowError(
+                f"Row {row}, column '{column}': {count} numbers beside the {count} "
+                f"{', '.join(f'`{name}`' for name in columns)}, which without a `rewards` column are read as ranked "
+                f"best first (rewards 0, -1, -2, ...), so this column would be ignored; if it holds the rewards, "
+                f"rename '{column}' to `rewards` (ranked columns: `score_A0`, `score_A1`, ...), otherwise remove it."
+            )
+
+
 def _ranked_list(example: dict, row: int | None) -> dict:
     completions = example["completions"]
     rewards = rank_rewards(len(completions)) if isinstance(completions, (list, tuple)) else []
     _check_row(example["prompt"], completions, rewards, row, "completions")
+    _check_no_unread_scores(example, len(completions), ["completions"], row)
     return {"prompt": example["prompt"], "completions": list(completions), "rewards": rewards}
 
 
@@ -317,6 +338,8 @@ def _ranked_columns(example: dict, row: int | None) -> dict:
     else:
         prompt, completions = _implicit_prompt(answers, row, present)
     _check_row(prompt, completions, rewards, row, present, "score_A0..")
+    if not scored:
+        _check_no_unread_scores(example, len(present), present, row)
     return {"prompt": prompt, "completions": completions, "rewards": rewards}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
@@ -110,6 +111,10 @@ class OnlineNCAConfig(GRPOConfig):
             "The labels come from the raw rewards and `reward_temperature`, the loss from `trl_nca.losses`.",
         )
         check_beta_and_temperature(self.beta, self.reward_temperature)
+        weights = self.reward_weights or []
+        if any(not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) for w in weights):
+            # GRPO sums the weighted rewards with nansum: a NaN weight would silently drop its function
+            raise ValueError(f"`reward_weights` must be finite numbers, got {self.reward_weights}.")
         if self.reference not in REFERENCES:
             raise ValueError(f"`reference` must be one of {REFERENCES}, got {self.reference!r}.")
         if self.sync_ref_model and self.reference == "sampler":
@@ -122,6 +127,12 @@ class OnlineNCAConfig(GRPOConfig):
         given in `overrides`. `disable_dropout=False`, GRPOConfig's default, becomes True (this config's default)
         with a warning, since a default cannot be told from a choice; give it in `overrides` to keep dropout."""
         values = {f.name: getattr(args, f.name) for f in fields(GRPOConfig) if f.init and f.name != "beta"}
+        if args.beta != 0.0 and "beta" not in overrides:
+            logger.warning(
+                f"OnlineNCAConfig from a GRPOConfig: GRPO's `beta={args.beta}` (a KL coefficient) is not carried "
+                "over; "
+                "NCA's `beta` (r = beta * logratio) keeps its default 0.1. Pass an OnlineNCAConfig to choose it."
+            )
         values["generation_batch_size"] = None  # derived again from steps_per_generation, which GRPOConfig has set
         if not args.disable_dropout and "disable_dropout" not in overrides:
             del values["disable_dropout"]

@@ -5,20 +5,40 @@ one number per completion, where `columns` are the dataset's other columns. A sp
 `"module:function"`, or the folder of a sequence-classification reward model (its first logit is the reward).
 `trl-nca generate` and the online trainers resolve specs the same way, and both check every value a function
 returns: a wrong count, a value that is not a number, or a non-finite one stops the run with the function's name and
-the prompt it was scoring, rather than training on it.
+the prompt it was scoring, rather than training on it. A spec is checked when it is resolved (its form, that the
+module and function exist and that the function takes `**kwargs`; that a folder holds a trained
+sequence-classification model), and a function that raises is named with its spec and the line it failed on.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
+import json
 import math
 import numbers
+import re
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 RewardFunc = Callable[..., list[float]]
+
+# TRL's GRPO reward signature: GRPOTrainer passes everything by keyword, the dataset's other columns among them
+REWARD_SIGNATURE = "f(prompts, completions, **kwargs)"
+# "module:function": a dotted module path and a (dotted) attribute of it
+_IDENTIFIERS = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_SPEC_HELP = (
+    "give 'module:function' (e.g. 'my_rewards:correct', importable from the working directory) or the folder of a "
+    "sequence-classification reward model"
+)
+_FRESH_HEAD = (
+    "; loaded as a reward model it would score with a freshly initialised head. Give the folder of a trained reward "
+    "model (architectures: ...ForSequenceClassification) or a 'module:function'"
+)
 
 
 class RewardError(ValueError):
@@ -34,6 +54,7 @@ def reward_model_function(path: str | Path, batch_size: int = 16) -> RewardFunc:
     """A reward function from a sequence-classification model folder: its first logit for prompt + completion."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    check_reward_model_folder(path)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -57,27 +78,180 @@ def reward_model_function(path: str | Path, batch_size: int = 16) -> RewardFunc:
     return score
 
 
+def check_reward_model_folder(path: str | Path) -> None:
+    """Refuse a folder that is not a trained sequence-classification model. `AutoModelForSequenceClassification`, as
+    GRPOTrainer and `reward_model_function` load reward models, gives any causal LM a freshly initialised score head
+    and mentions it only in its load report: the folder's `config.json` must not declare another architecture, and
+    its weights must hold the head (checked from the weight names; nothing is loaded)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise RewardError(f"Reward model {path}: the folder has no config.json, so it is no model; {_SPEC_HELP}")
+    config = AutoConfig.from_pretrained(folder, num_labels=1)
+    architectures = config.architectures or []
+    if architectures and not any(name.endswith("ForSequenceClassification") for name in architectures):
+        raise RewardError(
+            f"Reward model {path}: its config.json declares {', '.join(architectures)}, not a sequence-classification "
+            f"model{_FRESH_HEAD}"
+        )
+    stored = _stored_weight_names(folder)
+    if stored is None:
+        return
+    with torch.device("meta"):  # the parameter names of the head, without memory
+        model = AutoModelForSequenceClassification.from_config(config)
+    base = model.base_model_prefix + "."
+    head = [name for name, _ in model.named_parameters() if not name.startswith(base)]
+    missing = [name for name in head if not any(key == name or key.endswith("." + name) for key in stored)]
+    if missing:
+        raise RewardError(
+            f"Reward model {path}: its weights have no {', '.join(missing)} (the sequence-classification head)"
+            f"{_FRESH_HEAD}"
+        )
+
+
+def _stored_weight_names(folder: Path) -> set[str] | None:
+    """The names of the weights a model folder stores (read from an index or a safetensors header), or None."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            return set(json.loads((folder / index).read_text())["weight_map"])
+    if (folder / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+            return set(weights.keys())
+    if (folder / "pytorch_model.bin").is_file():
+        return set(torch.load(folder / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True))
+    return None
+
+
+def check_reward_signature(func: RewardFunc, label: str) -> None:
+    """Refuse a function that cannot be called as TRL's GRPO reward functions are: every argument by keyword, with
+    the dataset's other columns and (online) `completion_ids`, `trainer_state`, `log_extra`, `log_metric`, so it
+    needs a `**kwargs`. Parameters named after columns are checked when it is called."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # a builtin or extension callable: it is found out when called
+        return
+    parameters = signature.parameters.values()
+    takes_keywords = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    if takes_keywords and not any(p.kind is p.POSITIONAL_ONLY and p.default is p.empty for p in parameters):
+        return
+    raise RewardError(
+        f"{label} has the signature {signature}; expected {REWARD_SIGNATURE}: reward functions are called with "
+        "keyword arguments, the dataset's other columns among them (online also completion_ids, trainer_state, "
+        "log_extra, log_metric)"
+    )
+
+
+def named_reward(func: RewardFunc, spec: str | None = None) -> RewardFunc:
+    """`func` with the same name (GRPO's metric names) and sync/async kind, raising a `RewardError` that names it, its
+    spec (`"module:function"`) and where it failed when it raises, or that says which argument it could not take."""
+    from trl.trainer.utils import get_callable_name, is_async_callable
+
+    if getattr(func, "reward_spec", None) is not None:  # already named
+        return func
+    spec = spec or f"{getattr(func, '__module__', '?')}:{getattr(func, '__qualname__', reward_name(func))}"
+
+    if is_async_callable(func):
+
+        @functools.wraps(func)
+        async def named(*args, **kwargs):
+            try:
+                return await func(*args, **kwargs)
+            except RewardError:
+                raise
+            except Exception as error:
+                raise _reward_failure(func, spec, error, args, kwargs) from error
+
+    else:
+
+        @functools.wraps(func)
+        def named(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except RewardError:
+                raise
+            except Exception as error:
+                raise _reward_failure(func, spec, error, args, kwargs) from error
+
+    named.__name__ = get_callable_name(func)
+    named.reward_spec = spec
+    return named
+
+
+def _reward_failure(func, spec: str, error: Exception, args, kwargs) -> RewardError:
+    name = reward_name(func)
+    if isinstance(error, TypeError):  # the call itself, or something inside the function?
+        try:
+            inspect.signature(func).bind(*args, **kwargs)
+        except TypeError as mismatch:
+            return RewardError(
+                f"Reward function '{name}' ({spec}) cannot take the arguments it was given ({mismatch}): it is called "
+                f"as {REWARD_SIGNATURE} with the keyword arguments {', '.join(sorted(kwargs))}"
+            )
+        except ValueError:
+            pass
+    frames = traceback.extract_tb(error.__traceback__)
+    try:
+        own = inspect.getsourcefile(inspect.unwrap(func))
+    except TypeError:
+        own = None
+    frame = next((f for f in reversed(frames) if f.filename == own), frames[-1] if frames else None)
+    where = f", at {frame.filename}, line {frame.lineno}" if frame is not None else ""
+    return RewardError(f"Reward function '{name}' raised {type(error).__name__}: {error} ({spec}{where})")
+
+
 def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     """A reward function from a callable, `"module:function"`, or a reward model folder; a `RewardError` that says
-    what is missing otherwise."""
+    what is wrong otherwise (a malformed spec, a missing module, function or folder, a signature GRPO cannot call).
+    A function named by a spec comes back wrapped by `named_reward`, so that its errors name the spec."""
     if callable(spec):
+        check_reward_signature(spec, f"Reward function '{reward_name(spec)}'")
         return spec
-    if Path(spec).is_dir():
-        return reward_model_function(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return reward_model_function(path)
     if ":" not in spec:
+        if "/" in spec or "\\" in spec or spec.startswith((".", "~")):
+            raise RewardError(f"Reward model folder not found: {spec} (no such folder)")
         raise RewardError(
             f"Unknown reward {spec!r}: give 'module:function' (a TRL GRPO-style reward function) or the folder of a "
             "sequence-classification reward model"
         )
     module_name, name = spec.split(":", 1)
+    problem = (
+        "the module before ':' is empty"
+        if not module_name
+        else "the function after ':' is empty"
+        if not name
+        else f"{module_name!r} is not a module path"
+        if not _IDENTIFIERS.match(module_name)
+        else f"{name!r} is not a function name"
+        if not _IDENTIFIERS.match(name)
+        else None
+    )
+    if problem:
+        raise RewardError(f"Reward {spec!r} is malformed: {problem}; {_SPEC_HELP}")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         raise RewardError(f"Reward {spec!r}: cannot import module {module_name!r} ({error})") from None
-    func = getattr(module, name, None)
+    except Exception as error:  # the module's own code failed: a syntax error, an import inside it
+        raise RewardError(
+            f"Reward {spec!r}: importing module {module_name!r} failed ({type(error).__name__}: {error})"
+        ) from None
+    func = module
+    for part in name.split("."):
+        func = getattr(func, part, None)
     if not callable(func):
         raise RewardError(f"Reward {spec!r}: module {module_name!r} has no function {name!r}")
-    return func
+    if inspect.isclass(func):
+        raise RewardError(
+            f"Reward {spec!r}: {name!r} is a class; name a function, or an instance of the class made in the module"
+        )
+    check_reward_signature(func, f"Reward function '{reward_name(func)}' ({spec})")
+    return named_reward(func, spec)
 
 
 def check_reward_values(
@@ -149,11 +323,8 @@ def _prompt_text(prompt) -> str:
 
 
 def call_reward(func: RewardFunc, prompts: Sequence, completions: Sequence, **columns):
-    """Call a reward function; an exception inside it is re-raised naming the function."""
-    try:
-        return func(prompts=prompts, completions=completions, **columns)
-    except Exception as error:
-        raise RewardError(f"Reward function '{reward_name(func)}' raised {type(error).__name__}: {error}") from error
+    """Call a reward function; an exception inside it is re-raised naming the function (`named_reward`)."""
+    return named_reward(func)(prompts=prompts, completions=completions, **columns)
 
 
 def score_completions(

@@ -132,11 +132,37 @@ class _RecordingCache(DynamicCache):
         return 0  # the prompt forward starts at position 0, whatever was recorded
 
 
+REENTRANT_CHECKPOINTING = "reentrant gradient checkpointing drops the gradient of the prompt's keys and values"
+
+
+def reentrant_checkpointing(model) -> bool:
+    """Whether a layer of `model` (a PEFT wrapper included) is set to reentrant gradient checkpointing:
+    `use_reentrant=True`, or a checkpoint function that does not say (torch's default is reentrant). Reentrant
+    checkpointing passes gradients through a layer's tensor arguments only, so the prompt's keys and values, which
+    reach a response's layers inside a cache, would get none (`REENTRANT_CHECKPOINTING`). Read from the modules, so
+    that checkpointing turned on on the model itself counts (PEFT's `prepare_model_for_kbit_training` turns it on,
+    reentrant by default), not only `args.gradient_checkpointing`."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            keywords = getattr(getattr(module, "_gradient_checkpointing_func", None), "keywords", None) or {}
+            if keywords.get("use_reentrant", True) is not False:
+                return True
+    return False
+
+
 @contextmanager
 def _caches_survive_checkpointing(backbone):
     """Under gradient checkpointing, transformers drops a layer's cache unless the layer says that replaying it
     leaves the cache as it was (`_can_checkpoint_with_cache`). `_PrefixCache` and `_RecordingCache` are built so that
-    a replay changes nothing, so the layers may keep them for the duration of the prompt-cache forward."""
+    a replay changes nothing, so the layers may keep them for the duration of the prompt-cache forward. Reentrant
+    checkpointing would drop the prompt's gradient instead: the trainers keep this layout out where the model is set
+    to it, and a model switched to it afterwards stops here rather than train on wrong gradients."""
+    if torch.is_grad_enabled() and backbone.training and reentrant_checkpointing(backbone):
+        raise ValueError(
+            f"The prompt-cache layout cannot run under reentrant gradient checkpointing: {REENTRANT_CHECKPOINTING}. "
+            "Turn it on with gradient_checkpointing_kwargs={'use_reentrant': False}, or before building the trainer, "
+            "whose prompt_sharing='auto' then leaves this layout out."
+        )
     layers = [m for m in backbone.modules() if hasattr(m, "_can_checkpoint_with_cache")]
     for layer in layers:
         layer._can_checkpoint_with_cache = True

@@ -35,19 +35,27 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first, use_adapter
 
 from .config import NCAConfig
+from .dropout import disable_dropout
 from .layouts import (
+    LAYOUTS_OF_SETTING,
     DataCollatorForAnyLayout,
     ModelShape,
     choose_layout,
     layout_of,
     make_collator,
     model_inputs,
-    padded_sequences,
     response_owner,
+    sequences_per_response,
 )
 from .losses import infonca_loss, nca_loss
 from .metrics import k_response_metrics, token_metric_sums
-from .scoring import ResponseHeadOutput, add_response_head, head_choice
+from .scoring import (
+    REENTRANT_CHECKPOINTING,
+    ResponseHeadOutput,
+    add_response_head,
+    head_choice,
+    reentrant_checkpointing,
+)
 from .tokenization import prepare_k_response_dataset
 
 logger = logging.get_logger(__name__)
@@ -137,6 +145,10 @@ class _KResponseTrainer(DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        if args.disable_dropout:  # DPOTrainer's disable_dropout_in_model misses functional attention dropout
+            for model in (self.model, self.ref_model):
+                if model is not None:
+                    disable_dropout(model)
         self._use_layout()
 
     def _use_layout(self):
@@ -152,6 +164,7 @@ class _KResponseTrainer(DPOTrainer):
             self.args.truncation_mode,
             self.aux_loss_enabled,
             cache_blocker=self._cache_blocker(unwrapped),
+            shared_blocker=self._shared_blocker(unwrapped),
         )
         if self.args.prompt_sharing == "auto" and "padded" not in choice.reasons and choice.reasons:
             said = "; ".join(f"'{name}' is out: {reason}" for name, reason in choice.reasons.items())
@@ -192,14 +205,28 @@ class _KResponseTrainer(DPOTrainer):
             or any("sliding" in str(kind) for kind in layer_types)
         ):
             return "the model has sliding-window attention layers"
-        if self.args.gradient_checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
-            return "reentrant gradient checkpointing drops the gradient of the prompt's keys and values"
+        # Trainer.train turns checkpointing on as `args` say, over the model's own setting; without it, the model's
+        # own setting (e.g. from PEFT's prepare_model_for_kbit_training) is what runs
+        if self.args.gradient_checkpointing:
+            reentrant = (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+        else:
+            reentrant = reentrant_checkpointing(model)
+        if reentrant:
+            return REENTRANT_CHECKPOINTING
         if self.is_fsdp_enabled or (
             self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         ):
             return "sharded parameters are gathered per forward, and this layout's number of forwards varies by batch"
+        return None
+
+    @staticmethod
+    def _shared_blocker(model) -> str | None:
+        """Why neither prompt-sharing layout can run here, or None."""
         if is_peft_model(model) and model.peft_config[model.active_adapter].is_prompt_learning:
-            return "prompt-learning PEFT prepends virtual tokens to each forward"
+            return (
+                "prompt-learning PEFT puts virtual tokens (or their keys and values) and a 2D attention mask before "
+                "each sequence of a forward, where these layouts have a prompt to share or a 4D mask"
+            )
         return None
 
     # Replaces DPOTrainer._prepare_dataset (TRL 1.16.0): any accepted layout -> prompt_ids + K completion_ids
@@ -218,6 +245,13 @@ class _KResponseTrainer(DPOTrainer):
                 max_length=args.max_length,
                 truncation_mode=args.truncation_mode,
                 num_proc=args.dataset_num_proc,
+                # Every layout but the padded one needs a prompt token per row: a setting without the padded layout
+                # refuses a row without one here, before training (`auto` builds the batches that hold one padded)
+                prompt_token_needed_by=(
+                    None
+                    if "padded" in LAYOUTS_OF_SETTING[args.prompt_sharing]
+                    else f"prompt_sharing={args.prompt_sharing!r}"
+                ),
             )
 
     # Replaces DPOTrainer._set_signature_columns_if_needed (TRL 1.16.0): the K-response columns
@@ -241,7 +275,8 @@ class _KResponseTrainer(DPOTrainer):
             owners = inputs["response_ids"][:, 1:]  # the response each next-token label belongs to
             if self._head == "response":
                 outputs = model(**kwargs, labels=labels, response_head=True)
-                owner = owners[outputs.labelled]
+                # prompt tuning prepends virtual positions (never labelled) to `labelled`: keep the real ones
+                owner = owners[outputs.labelled[:, -owners.size(1) :]]
             else:
                 fused = model(**kwargs, labels=labels, use_cache=False, fused_lm_head=True)
                 scored = owners >= 0
@@ -374,13 +409,14 @@ class _KResponseTrainer(DPOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
         self._log_metrics(mode, inputs, outputs, owner, policy_logps, ref_logps)
         if return_outputs:
-            # compute_metrics needs logits, which the response heads do not build: one more forward, as DPOTrainer
-            plain = inputs
-            if layout_of(inputs) == "cache":
-                plain = padded_sequences(inputs, self._tokenizer.pad_token_id)
-                inputs["input_ids"] = plain["input_ids"]  # DPOTrainer.prediction_step reads its labels from there
+            # compute_metrics needs logits, which the response heads do not build: one more forward, as DPOTrainer's,
+            # on one prompt+response sequence per response whatever the layout (DPOTrainer's are chosen, rejected)
+            plain = sequences_per_response(inputs, self._tokenizer.pad_token_id, self.args.pad_to_multiple_of)
+            inputs["input_ids"] = plain["input_ids"]  # DPOTrainer.prediction_step reads its labels from there
             with torch.no_grad():
-                outputs = model(**self._model_inputs(model, plain))
+                outputs = model(**plain)
+            # prompt tuning prepends virtual positions: keep those of the sequences' tokens
+            outputs.logits = outputs.logits[:, -plain["input_ids"].size(1) :]
             return loss, outputs
         return loss
 

@@ -2,12 +2,14 @@
 
 transformers loads a GGUF file with `gguf_file=` (dequantizing it), but flags the result as quantized, so Trainer
 refuses to train it and `save_pretrained` refuses to save it. `load_smollm2` rebuilds the model from its config and
-state dict; `materialize_smollm2` saves that once as an ordinary local model folder to load from then on.
+state dict; `materialize_smollm2` saves that once as an ordinary local model folder to load from then on (and
+again when the folder it finds is incomplete).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -43,11 +45,44 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return model.eval(), tokenizer
 
 
-def materialize_smollm2(folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Save SmolLM2 as a normal model folder (once; later calls return the existing folder)."""
+def missing_model_parts(folder: str | Path) -> list[str]:
+    """What a model folder lacks to load with `from_pretrained`: `["no config", "no weights", "no tokenizer"]` for a
+    folder that is not there, `[]` for a complete one. Sharded weights count when every shard of their index is
+    there."""
     folder = Path(folder)
-    if not (folder / "config.json").exists():
+    missing = [] if (folder / "config.json").is_file() else ["no config"]
+    weights = (folder / "model.safetensors").is_file() or (folder / "pytorch_model.bin").is_file()
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        try:
+            shards = set(json.loads((folder / index).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError):
+            continue
+        weights = weights or all((folder / shard).is_file() for shard in shards)
+    if not weights:
+        missing.append("no weights")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        missing.append("no tokenizer")
+    return missing
+
+
+def materialize_smollm2(folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Save SmolLM2 as a normal model folder (once; later calls return the existing folder when it is complete:
+    config, weights and tokenizer). An incomplete folder, as an interrupted save leaves, is saved again; a
+    `FileNotFoundError` says what it lacks when SmolLM2 is not installed to do so."""
+    folder = Path(folder)
+    missing = missing_model_parts(folder)
+    if not missing:
+        return folder
+    try:
         model, tokenizer = load_smollm2(dtype)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+    except FileNotFoundError as error:
+        if not folder.exists():
+            raise
+        raise FileNotFoundError(
+            f"{folder} is an incomplete model folder ({', '.join(missing)}) and cannot be rebuilt: {error}"
+        ) from None
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if still := missing_model_parts(folder):
+        raise OSError(f"Saving SmolLM2 to {folder} left it incomplete ({', '.join(still)})")
     return folder

@@ -9,8 +9,9 @@
 Every layout returns the same per-row tensors (`response_mask`, `rewards`, `ordered`, `ref_logps`) and `num_tokens`,
 so the trainer's loss and metrics do not depend on the layout. `choose_layout` says which layouts a setting allows,
 `layout_cost` estimates each one's cost for a batch, and `DataCollatorForAnyLayout` builds every batch in the
-cheapest allowed layout (`prompt_sharing="auto"`). The cost model and its check against measurements are in
-`docs/layouts.md`.
+cheapest allowed layout that can take its rows (`prompt_sharing="auto"`). `sequences_per_response` turns a batch of
+any layout into the padded layout's sequences (what `compute_metrics` sees). The cost model and its check against
+measurements are in `docs/layouts.md`.
 """
 
 from __future__ import annotations
@@ -20,22 +21,37 @@ from typing import Any
 
 import torch
 from transformers.data.data_collator import DataCollatorMixin
+from trl.trainer.utils import pad
 
+from . import prompt_cache, shared_prompt
 from .padded import DataCollatorForKResponses, per_response_values
 from .prompt_cache import (
     CALL_OVERHEAD_TOKENS,
     DataCollatorForPromptCache,
     call_overhead_tokens,
-    padded_sequences,
     plan_calls,
     response_owner,
 )
-from .shared_prompt import SUPPORTED_ATTENTION, DataCollatorForSharedPrompt, attention_mask_for, block_mask_for
+from .shared_prompt import (
+    NO_PROMPT_TOKEN,
+    SUPPORTED_ATTENTION,
+    DataCollatorForSharedPrompt,
+    attention_mask_for,
+    block_mask_for,
+)
 
 LAYOUT_NAMES = ("padded", "mask", "cache")
-# "auto": the cheapest allowed layout per batch; "on": the cheapest allowed layout that shares the prompt;
-# "off", "mask", "cache": that layout (an error where it cannot work)
-PROMPT_SHARING = ("auto", "on", "off", "mask", "cache")
+# The layouts each `prompt_sharing` setting may use, in order of preference on equal cost. "auto": the cheapest
+# allowed layout per batch; "on": the cheapest allowed layout that shares the prompt; "off", "mask", "cache": that
+# layout (an error where it cannot work)
+LAYOUTS_OF_SETTING = {
+    "auto": ("cache", "mask", "padded"),
+    "on": ("cache", "mask"),
+    "off": ("padded",),
+    "mask": ("mask",),
+    "cache": ("cache",),
+}
+PROMPT_SHARING = tuple(LAYOUTS_OF_SETTING)
 
 # Keys of a collated batch that go into the model's forward, by layout; the rest are for the loss and the metrics
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -125,24 +141,25 @@ def choose_layout(
     truncation_mode: str,
     router_loss: bool = False,
     cache_blocker: str | None = None,
+    shared_blocker: str | None = None,
 ) -> LayoutChoice:
     """The layouts a `prompt_sharing` setting allows on a model with `attn_implementation`.
 
     `mask` needs an attention implementation in `SUPPORTED_ATTENTION`; both prompt-sharing layouts need `keep_start`
-    truncation and no MoE router loss (its load-balancing term reads a 2D attention mask); `cache` is also out for
-    the reason `cache_blocker` gives, if any (a sliding-window model, reentrant gradient checkpointing, sharded
-    parameters). A setting that names a layout which cannot work raises a `ValueError` with the reason.
+    truncation and no MoE router loss (its load-balancing term reads a 2D attention mask), and are out for the reason
+    `shared_blocker` gives, if any (prompt-learning PEFT); `cache` is also out for the reason `cache_blocker` gives, if
+    any (a sliding-window model, reentrant gradient checkpointing, sharded parameters). A setting that names a layout
+    which cannot work raises a `ValueError` with the reason.
     """
     if prompt_sharing not in PROMPT_SHARING:
         raise ValueError(f"`prompt_sharing` must be one of {PROMPT_SHARING}, got {prompt_sharing!r}.")
     reasons = {}
-    shared_reason = None
     if truncation_mode != "keep_start":
-        shared_reason = f"truncation_mode={truncation_mode!r} (prompt sharing supports 'keep_start')"
+        shared_blocker = f"truncation_mode={truncation_mode!r} (prompt sharing supports 'keep_start')"
     elif router_loss:
-        shared_reason = "the model's MoE router loss is on, and its load-balancing term needs a 2D attention mask"
-    if shared_reason:
-        reasons = {"mask": shared_reason, "cache": shared_reason}
+        shared_blocker = "the model's MoE router loss is on, and its load-balancing term needs a 2D attention mask"
+    if shared_blocker:
+        reasons = {"mask": shared_blocker, "cache": shared_blocker}
     else:
         if attn_implementation not in SUPPORTED_ATTENTION:
             reasons["mask"] = (
@@ -151,18 +168,20 @@ def choose_layout(
             )
         if cache_blocker:
             reasons["cache"] = cache_blocker
-    wanted = {
-        "auto": ("cache", "mask", "padded"),
-        "on": ("cache", "mask"),
-        "off": ("padded",),
-        "mask": ("mask",),
-        "cache": ("cache",),
-    }[prompt_sharing]
+    wanted = LAYOUTS_OF_SETTING[prompt_sharing]
     allowed = tuple(name for name in wanted if name not in reasons)
     if not allowed:
         why = "; ".join(f"{name}: {reasons[name]}" for name in wanted)
         raise ValueError(f"prompt_sharing={prompt_sharing!r} is not possible here ({why}). Use 'auto' or 'off'.")
     return LayoutChoice(allowed, {name: reason for name, reason in reasons.items() if name in wanted})
+
+
+def row_unfit_for(layout: str, example: dict[str, Any]) -> str | None:
+    """Why `layout` cannot take this tokenized row, or None: the prompt-sharing layouts need a prompt token of the
+    row's own (see `NO_PROMPT_TOKEN`); the padded layout takes every row."""
+    if layout != "padded" and not example["prompt_ids"]:
+        return NO_PROMPT_TOKEN
+    return None
 
 
 def make_collator(
@@ -197,8 +216,9 @@ def make_collator(
 
 @dataclass
 class DataCollatorForAnyLayout(DataCollatorMixin):
-    """Build each batch in the cheapest of `layouts` by `layout_cost` for its own lengths (ties: the first listed).
-    `counts` records how many batches went to each layout."""
+    """Build each batch in the cheapest of `collators` by `layout_cost` for its own lengths (ties: the first listed)
+    among those that can take every row of it (`row_unfit_for`). `counts` records how many batches went to each
+    layout."""
 
     collators: dict[str, Any]
     shape: ModelShape
@@ -212,11 +232,20 @@ class DataCollatorForAnyLayout(DataCollatorMixin):
         def truncated(prompt, response):
             return response if budget is None else min(response, max(budget - prompt, 0))
 
+        unfit = {}  # layout -> why it cannot take this batch (None: it can)
+        for name in self.collators:
+            unfit[name] = next(
+                (f"row {i} of the batch: {why}" for i, e in enumerate(examples) if (why := row_unfit_for(name, e))),
+                None,
+            )
+        if all(unfit.values()):
+            raise ValueError(f"No layout of {tuple(unfit)} can take this batch ({'; '.join(unfit.values())}).")
         rows = [
             (len(e["prompt_ids"]), [truncated(len(e["prompt_ids"]), len(c)) for c in e["completion_ids"]])
             for e in examples
         ]
-        return min(self.collators, key=lambda name: layout_cost(name, rows, self.shape))
+        fit = [name for name, why in unfit.items() if why is None]
+        return min(fit, key=lambda name: layout_cost(name, rows, self.shape))
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         layout = self.choose(examples)
@@ -229,6 +258,24 @@ def layout_of(batch: dict) -> str:
     if "prompt_input_ids" in batch:
         return "cache"
     return "mask" if batch["attention_mask"].dim() == 4 else "padded"
+
+
+def sequences_per_response(batch: dict, pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """A batch of any layout as the padded layout's `input_ids` and `attention_mask`: one prompt+response sequence per
+    response, in row-major order of `response_mask`, right-padded. This is what `compute_metrics` sees, whatever the
+    layout (as DPOTrainer shows it its chosen and rejected sequences)."""
+    layout = layout_of(batch)
+    if layout == "cache":
+        sequences = prompt_cache.response_sequences(batch)
+    elif layout == "mask":
+        sequences = shared_prompt.response_sequences(batch)
+    else:
+        sequences = [ids[real.bool()] for ids, real in zip(batch["input_ids"], batch["attention_mask"])]
+    real = [torch.ones_like(ids) for ids in sequences]
+    return {
+        "input_ids": pad(sequences, padding_value=pad_token_id, pad_to_multiple_of=pad_to_multiple_of),
+        "attention_mask": pad(real, padding_value=0, pad_to_multiple_of=pad_to_multiple_of),
+    }
 
 
 def model_inputs(batch: dict, attn_implementation: str, mask_dtype: torch.dtype) -> dict:
@@ -247,6 +294,7 @@ def model_inputs(batch: dict, attn_implementation: str, mask_dtype: torch.dtype)
 
 
 __all__ = [
+    "LAYOUTS_OF_SETTING",
     "LAYOUT_NAMES",
     "PROMPT_SHARING",
     "SUPPORTED_ATTENTION",
@@ -261,7 +309,8 @@ __all__ = [
     "layout_of",
     "make_collator",
     "model_inputs",
-    "padded_sequences",
     "per_response_values",
     "response_owner",
+    "row_unfit_for",
+    "sequences_per_response",
 ]

@@ -25,6 +25,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl.trainer.utils import pad
 
 from .padded import per_response_values
+from .shared_prompt import NO_PROMPT_TOKEN
 
 # A forward call's fixed cost (Python, kernel launches, the LoRA adapters' small matmuls), in tokens of work: measured
 # at about 64 on the 2-core CPU with SmolLM2 + LoRA; on a GPU a small model's forward is bound by kernel launches up
@@ -103,7 +104,7 @@ class DataCollatorForPromptCache(DataCollatorMixin):
         for row, example in enumerate(examples):
             prompt = example["prompt_ids"]
             if not prompt:
-                raise ValueError("The prompt-cache layout needs at least one prompt token per row")
+                raise ValueError(f"The prompt-cache layout cannot take row {row} of the batch: {NO_PROMPT_TOKEN}.")
             budget = None if self.max_length is None else max(self.max_length - len(prompt), 0)
             prompts.append(torch.tensor(prompt))
             row_lengths = [len(completion[:budget]) for completion in example["completion_ids"]]
@@ -146,14 +147,11 @@ def response_owner(batch: dict) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
 
 
-def padded_sequences(batch: dict, pad_token_id: int) -> dict:
-    """The same rows as one prompt+response sequence per response (the padded layout's `input_ids` and
-    `attention_mask`), for what needs plain logits (`compute_metrics`)."""
+def response_sequences(batch: dict) -> list[torch.Tensor]:
+    """The prompt+response token ids of each response of a batch in this layout, in row-major order of
+    `response_mask` (`layouts.sequences_per_response` pads them into the padded layout's sequences)."""
     sequences = []
     for n, row in enumerate(batch["response_rows"].tolist()):
         prompt = batch["prompt_input_ids"][row, : int(batch["prompt_lengths"][row]) - 1]
         sequences.append(torch.cat([prompt, batch["response_input_ids"][n, : int(batch["response_lengths"][n]) + 1]]))
-    return {
-        "input_ids": pad(sequences, padding_value=pad_token_id),
-        "attention_mask": pad([torch.ones_like(s) for s in sequences], padding_value=0),
-    }
+    return sequences

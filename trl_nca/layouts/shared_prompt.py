@@ -32,6 +32,14 @@ from .padded import per_response_values
 # block mask built from the segment ids (`block_mask_for`), which skips fully masked blocks, so packing rows pays off.
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
+# Why a row without prompt tokens cannot share its prompt. DPO's prompt/completion boundary is where the tokenized
+# prompt and prompt+response diverge; when the prompt's last tokens merge with the responses' first ones (BPE), the
+# prompt can be left with none, and these layouts have no prompt token to start each response from
+NO_PROMPT_TOKEN = (
+    "the prompt keeps no token of its own (its last tokens merge with the first tokens of its responses), and the "
+    "prompt-sharing layouts start each response from the prompt's last token; the padded layout takes such rows"
+)
+
 
 @dataclass
 class DataCollatorForSharedPrompt(DataCollatorMixin):
@@ -67,10 +75,10 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
     pack_rows: bool = False
     return_tensors: str = "pt"
 
-    def _row(self, example: dict, first_response: int) -> dict[str, list[int]]:
+    def _row(self, example: dict, first_response: int, index: int) -> dict[str, list[int]]:
         prompt = example["prompt_ids"]
         if not prompt:
-            raise ValueError("The shared-prompt layout needs at least one prompt token per row")
+            raise ValueError(f"The shared-prompt layout cannot take row {index} of the batch: {NO_PROMPT_TOKEN}.")
         shared = len(prompt) - 1
         tokens, positions, segments = list(prompt[:-1]), list(range(shared)), [0] * shared
         completion, response = [0] * shared, [-1] * shared
@@ -92,8 +100,8 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         rows, first = [], 0
-        for example in examples:
-            rows.append(self._row(example, first))
+        for index, example in enumerate(examples):
+            rows.append(self._row(example, first, index))
             first += len(example["completion_ids"])
         groups = [rows] if self.pack_rows else [[row] for row in rows]
 
@@ -145,6 +153,20 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
         }
         batch.update(per_response_values(examples))
         return batch
+
+
+def response_sequences(batch: dict) -> list[torch.Tensor]:
+    """The prompt+response token ids of each response of a batch in this layout, in row-major order of
+    `response_mask` (`layouts.sequences_per_response` pads them into the padded layout's sequences)."""
+    ids, segments, rows = batch["input_ids"], batch["segment_ids"], batch["row_ids"]
+    sequences = []
+    for s in range(ids.size(0)):
+        for row in rows[s][rows[s] >= 0].unique().tolist():
+            in_row = rows[s] == row
+            prompt = ids[s][in_row & (segments[s] == 0)]  # all but its last token, which starts each segment
+            for segment in range(1, int(segments[s][in_row].max()) + 1):
+                sequences.append(torch.cat([prompt, ids[s][in_row & (segments[s] == segment)]]))
+    return sequences
 
 
 def attention_mask_for(mask: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:

@@ -36,7 +36,12 @@ def cli(argv: list[str]) -> int:
     if args.prompts and not args.reward:
         parser.error("--prompts needs --reward (a 'module:function' or a reward model folder)")
     from ..generation import build_reward_dataset
+    from ..rewards import resolve_reward
+    from .utils import check_model, model_not_found_as_one_line
 
+    # What can be checked without loading anything comes first: the model path, then the reward specs
+    check_model(args.model, "--model")
+    rewards = [resolve_reward(spec) for spec in args.reward or [ARITHMETIC_REWARD]]
     if args.task:
         from ..demo.arithmetic import make_problems
 
@@ -45,15 +50,16 @@ def cli(argv: list[str]) -> int:
         from .utils import first_split, load_any_dataset
 
         prompts = first_split(load_any_dataset(args.prompts))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    with model_not_found_as_one_line(args.model):
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model)
     dataset, stats = build_reward_dataset(
         model,
         tokenizer,
         prompts,
-        args.reward or [ARITHMETIC_REWARD],
+        rewards,
         k=args.k,
         temperature=args.temperature,
         top_p=args.top_p,

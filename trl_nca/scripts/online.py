@@ -21,7 +21,7 @@ from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
 from ..online_config import OnlineNCAConfig
 from ..online_trainer import OnlineInfoNCATrainer, OnlineNCATrainer
-from ..rewards import resolve_reward
+from ..rewards import check_reward_model_folder, resolve_reward
 from .utils import run_training
 
 TRAINERS = {"nca": OnlineNCATrainer, "infonca": OnlineInfoNCATrainer}
@@ -57,8 +57,13 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 
 def _reward(spec: str):
-    # A reward model folder goes to GRPOTrainer as a path: it loads and places the model like its own
-    return spec if Path(spec).expanduser().is_dir() else resolve_reward(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        # A reward model folder goes to GRPOTrainer as a path: it loads and places the model like its own (dtype,
+        # sharding); it is checked here, since GRPOTrainer would give a causal LM a freshly initialised score head
+        check_reward_model_folder(path)
+        return str(path)
+    return resolve_reward(spec)
 
 
 def main(script_args, training_args, model_args, dataset_args, *, callbacks=None):

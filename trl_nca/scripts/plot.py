@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
 def load_log_history(output_dir: str | Path) -> list[dict]:
-    """The Trainer's log history of a run: `trainer_state.json` in the folder or in its newest checkpoint."""
+    """The Trainer's log history of a run: from the newest trainer state of the run that last started in the folder
+    (its own `trainer_state.json`, written at the end of a run, or its newest numbered checkpoint's; see
+    `trl_nca.scripts.runs`). States of other runs are named in a warning."""
+    from transformers.utils import logging
+
+    from .runs import describe_others, latest_state, unnumbered_checkpoints
+
     output_dir = Path(output_dir)
-    candidates = [output_dir / "trainer_state.json"]
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    candidates += [c / "trainer_state.json" for c in reversed(checkpoints)]
-    for path in candidates:
-        if path.exists():
-            return json.loads(path.read_text())["log_history"]
-    raise FileNotFoundError(f"No trainer_state.json in {output_dir} or its checkpoints")
+    if not output_dir.is_dir():
+        raise FileNotFoundError(f"Run folder not found: {output_dir} (no such folder)")
+    try:
+        choice = latest_state(output_dir)
+    except ValueError as error:
+        raise ValueError(f"Cannot plot {output_dir}: {error}") from None
+    if choice is None:
+        ignored = unnumbered_checkpoints(output_dir)
+        raise FileNotFoundError(
+            f"No trainer state in {output_dir}: no trainer_state.json and no complete numbered checkpoint "
+            f"(checkpoint-N) in it" + (f" (ignored: {', '.join(ignored)})" if ignored else "")
+        )
+    if choice.other_runs:
+        logging.get_logger(__name__).warning(
+            f"Plotting {choice.state.name}, the newest trainer state of the run that last started in {output_dir}; "
+            f"{describe_others(choice)}, and is not plotted."
+        )
+    return choice.state.log
 
 
 def _pyplot():

@@ -9,8 +9,19 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_from_disk
 from transformers.utils import logging
+
+from .runs import (
+    STATE,
+    TrlNcaRun,
+    describe_others,
+    latest_state,
+    numbered_checkpoints,
+    read_state,
+    run_id_of,
+    step_of,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -153,44 +164,36 @@ def model_init_kwargs(model_args, training_args) -> dict:
     }
 
 
-def _step(checkpoint: Path) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[-1])
-
-
-def _is_complete(checkpoint: Path) -> bool:
-    """Trainer writes `trainer_state.json` last: a checkpoint without a readable one was cut while being written."""
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return True
-
-
 def resolve_checkpoint(value, output_dir: str):
     """The checkpoint `--resume_from_checkpoint` means: `true`/`last` is the newest *complete* checkpoint in
-    `output_dir` (newer incomplete ones, from a run killed while saving, are named in a warning); a path must be a
-    complete checkpoint. `None`/`false` means no resume."""
+    `output_dir` of the run that last started there (`runs.latest_state`: checkpoints of other runs, and newer
+    incomplete ones from a run killed while saving, are named in a warning; a folder that mixes runs without telling
+    which is the last is refused); a path must be a complete checkpoint. `None`/`false` means no resume."""
     if value is None or value is False or (isinstance(value, str) and value.lower() in {"false", "none", ""}):
         return None
     if value is True or (isinstance(value, str) and value.lower() in {"true", "last"}):
-        checkpoints = sorted(
-            (p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-            key=_step,
-        )
-        complete = [p for p in checkpoints if _is_complete(p)]
-        if not complete:
+        try:
+            choice = latest_state(output_dir, checkpoints_only=True)
+        except ValueError as error:
+            raise ValueError(f"--resume_from_checkpoint true: {error}") from None
+        if choice is None:
             raise ValueError(f"--resume_from_checkpoint true: no complete checkpoint in {output_dir}")
-        incomplete = [p.name for p in checkpoints if _step(p) > _step(complete[-1])]
-        if incomplete:
+        name = choice.state.name
+        if choice.other_runs:
             logger.warning(
-                f"Resuming from {complete[-1].name}: {', '.join(incomplete)} in {output_dir} has no trainer state "
+                f"Resuming from {name}, the newest checkpoint of the run that last started in {output_dir}; "
+                f"{describe_others(choice)}, and is not resumed from."
+            )
+        if choice.incomplete:
+            logger.warning(
+                f"Resuming from {name}: {', '.join(choice.incomplete)} in {output_dir} has no trainer state "
                 "(the run was stopped while saving it), so it is skipped."
             )
-        return str(complete[-1])
+        return str(choice.state.path)
     path = Path(value)
     if not path.is_dir():
         raise FileNotFoundError(f"Checkpoint not found: {value} (no such folder)")
-    if not _is_complete(path):
+    if read_state(path / STATE) is None:
         raise ValueError(f"Checkpoint {value} is incomplete (no readable trainer_state.json): it was cut while saving")
     return str(path)
 
@@ -217,13 +220,23 @@ def run_summary(trainer, train_metrics: dict, resumed_from: str | None = None) -
     if "rewards/accuracies" in last:
         lines.append(f"  reward accuracy:    {fmt(last.get('rewards/accuracies'))}")
     if resumed_from is not None:
-        start, end = _step(Path(resumed_from)), trainer.state.global_step
+        start, end = step_of(resumed_from), trainer.state.global_step
         lines.append(
             f"  resumed from:       {Path(resumed_from).name}; train_loss covers the {end - start} resumed steps "
             f"only ({start + 1}-{end})"
         )
     lines.append(f"  model saved to:     {trainer.args.output_dir}")
     return "\n".join(lines)
+
+
+def _no_step(trainer, args) -> str:
+    if isinstance(trainer.train_dataset, IterableDataset):
+        max_length = getattr(args, "max_length", None)
+        hint = f", e.g. a prompt longer than max_length={max_length}" if max_length else ""
+        why = f"the streaming train dataset gave no batch (does a filter drop every row{hint}?)"
+    else:
+        why = f"max_steps={args.max_steps} and num_train_epochs={args.num_train_epochs} leave no step to take"
+    return f"Training took no step: {why}; nothing was saved to {args.output_dir}"
 
 
 def run_training(build, script_args, training_args, model_args, dataset_args, callbacks=None):
@@ -236,6 +249,17 @@ def run_training(build, script_args, training_args, model_args, dataset_args, ca
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     train_dataset, eval_dataset = load_splits(script_args, training_args, dataset_args)
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    earlier = [c.name for c in numbered_checkpoints(training_args.output_dir)]
+    if checkpoint is None and earlier:
+        logger.warning(
+            f"{training_args.output_dir} already holds {', '.join(earlier)} of an earlier run: this new run's "
+            "checkpoints go beside them (Trainer's save_total_limit rotation deletes by number, so it may remove this "
+            "run's and keep those). `--resume_from_checkpoint true` and `trl-nca plot` use this run's only; to keep "
+            "the runs apart, give another --output_dir."
+        )
+    # The run's id goes into its record and every trainer state it saves; a resumed run keeps its checkpoint's
+    run = TrlNcaRun(run_id_of(read_state(Path(checkpoint) / STATE)) if checkpoint else None)
+    callbacks = [*(callbacks or []), run]
     with model_not_found_as_one_line(model):
         trainer = build(
             model=model,
@@ -247,7 +271,10 @@ def run_training(build, script_args, training_args, model_args, dataset_args, ca
             callbacks=callbacks,
         )
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.state.global_step == 0:  # Trainer ends such a run as if it had trained: say so, save nothing
+        raise ValueError(_no_step(trainer, training_args))
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # the log history `trl-nca plot` reads, also for a run saved with --save_strategy no
     if trainer.accelerator.is_main_process:
         print(run_summary(trainer, result.metrics, resumed_from=checkpoint))
     if training_args.push_to_hub:
