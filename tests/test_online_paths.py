@@ -10,7 +10,7 @@ import torch
 from conftest import build_model
 from datasets import Dataset
 from helpers import StopAt
-from online_helpers import deterministic_rollout, length_reward, online_args, prompts_dataset
+from online_helpers import deterministic_rollout, length_reward, online_args, prompts_dataset, text_of
 from test_drop_in import tiny_moe
 from test_online import build, lora, rewards_of, scored_groups, sequence_logps
 from trl import GRPOConfig, GRPOTrainer
@@ -415,3 +415,40 @@ def test_image_prompts_the_policy_sees_the_images_its_reference_saw(kind, tmp_pa
     with torch.no_grad():
         blind = trainer._policy_forward(trainer.model, {**text_only, "pixel_values": None})[0]
     assert (blind[mask] - ours[mask]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "llava"])
+def test_online_nca_trains_on_image_prompts_with_a_reward_of_the_image(kind, tmp_path, one_thread):
+    """A GRPO-style image dataset (`prompt` + `image`): the reward function gets each completion's image, the labels
+    come from its rewards, the sampler reference gives r = 0 at the update, and the adapter moves."""
+    from vlm_helpers import build_vlm, build_vlm_processor, small_images
+
+    processor = build_vlm_processor(kind)
+    images = small_images(2, seed=7)
+    seen = []
+
+    def brightness_and_length(prompts, completions, image, **kwargs):
+        seen.append(list(image))
+        return [
+            float(sum(im.convert("L").getdata()) % 3) + sum(map(ord, text_of(c))) % 5
+            for im, c in zip(image, completions)
+        ]
+
+    rows = [{"prompt": [{"role": "user", "content": "Describe the image."}], "image": image} for image in images]
+    trainer = OnlineNCATrainer(
+        model=build_vlm(processor, kind), reward_funcs=brightness_and_length, processing_class=processor,
+        args=online_args(tmp_path, num_generations=2, max_completion_length=4, per_device_train_batch_size=4,
+                         max_steps=1, optim="sgd", learning_rate=0.5),
+        train_dataset=Dataset.from_list(rows), peft_config=lora(random_init=True),
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    log = next(e for e in trainer.state.log_history if "loss" in e)
+    assert len(seen) == 1 and len(seen[0]) == 4 and seen[0][0].tobytes() == seen[0][1].tobytes()
+    assert log["logratio/mean"] == pytest.approx(0.0, abs=1e-5) and log["loss"] == pytest.approx(2 * math.log(2))
+    moved = {n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert (
+        moved
+        and any("visual" in n or "vision_tower" in n or "multi_modal_projector" in n for n in moved)
+        or (log["frac_tied_groups"] == 1.0 and not moved)
+    )

@@ -13,7 +13,7 @@ import sys
 import yaml
 
 USAGE = """usage: trl-nca {nca,infonca,online} --config RECIPE.yaml [--field value ...]
-       trl-nca prepare {ultrafeedback SOURCE,smollm2} --output_dir DIR [options]
+       trl-nca prepare {ultrafeedback SOURCE,vlfeedback SOURCE,smollm2} --output_dir DIR [options]
        trl-nca generate --model DIR --output_dir DIR [--task arithmetic | --prompts FILE] [--reward SPEC] [--k 4]
        trl-nca demo [--quick] [--output_dir runs/demo]
        trl-nca plot OUTPUT_DIR

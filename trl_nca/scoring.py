@@ -180,7 +180,7 @@ def _cache_argument(backbone) -> str:
 
 
 def _prompt_cache_hidden(
-    backbone, prompt_input_ids, prompt_lengths, response_input_ids, response_lengths, rows, calls
+    backbone, prompt_input_ids, prompt_lengths, response_input_ids, response_lengths, rows, calls, prompt_images=None
 ):
     """Hidden states of every response token's prediction and the tokens, for the prompt-cache layout: each row's
     prompt (all but its last token) once, then each call's responses (each starting with the prompt's last token) as
@@ -192,7 +192,13 @@ def _prompt_cache_hidden(
         prefix = None
         if shared > 0:
             recording = _RecordingCache()
-            backbone(input_ids=prompt_input_ids[row : row + 1, :shared], use_cache=True, **{cache_argument: recording})
+            images = prompt_images[row] if prompt_images is not None else {}  # the prompt's image inputs, once
+            backbone(
+                input_ids=prompt_input_ids[row : row + 1, :shared],
+                use_cache=True,
+                **{cache_argument: recording},
+                **images,
+            )
             prefix = [recording.recorded[layer] for layer in sorted(recording.recorded)]
         members_of_row = (rows == row).nonzero().flatten()
         for call in calls[members_of_row].unique().tolist():
@@ -247,6 +253,7 @@ def add_response_head(model) -> None:
                     kwargs["response_lengths"],
                     kwargs["response_rows"],
                     kwargs["response_calls"],
+                    kwargs.get("prompt_images"),
                 )
             log_probs, entropy, is_top1 = response_log_probs(hidden, lm_head, targets)
             return ResponseHeadOutput(log_probs=log_probs, entropy=entropy, is_top1=is_top1)

@@ -35,12 +35,16 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first, use_adapter
 
 from .config import NCAConfig
+from .data import convert_to_k_responses
 from .dropout import disable_dropout
 from .layouts import (
     LAYOUTS_OF_SETTING,
     DataCollatorForAnyLayout,
+    DataCollatorForImageRows,
     ModelShape,
     choose_layout,
+    has_images,
+    images_blocker,
     layout_of,
     make_collator,
     model_inputs,
@@ -121,6 +125,16 @@ class _KResponseTrainer(DPOTrainer):
         _check_not_empty(train_dataset, "train")
         for name, dataset in eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]:
             _check_not_empty(dataset, name)
+        self._images = train_dataset is not None and has_images(
+            train_dataset.column_names or list(next(iter(train_dataset)))
+        )
+        if self._images:
+            train_dataset, eval_dataset = self._image_rows(train_dataset, eval_dataset, args, processing_class)
+            if compute_metrics is not None:
+                raise ValueError(
+                    "`compute_metrics` with rows with images is not supported: its logits come from one more forward "
+                    "per response, which does not carry the images."
+                )
         # The reference is the initial policy. DPOTrainer reloads it from the model's hub id or path, which a model
         # built from a config (or changed in memory) does not have; a copy taken now is that initial policy. PEFT
         # disables its adapter instead, and precomputed log-probs need no reference during training.
@@ -151,6 +165,31 @@ class _KResponseTrainer(DPOTrainer):
                     disable_dropout(model)
         self._use_layout()
 
+    @staticmethod
+    def _image_rows(train_dataset, eval_dataset, args, processing_class):
+        """Rows with images, converted to canonical K-response rows (every row checked) and kept untokenized:
+        DPOTrainer skips its dataset preparation for vision rows, and the collator processes the images on the fly
+        (`trl_nca.layouts.images`)."""
+        if processing_class is not None and not hasattr(processing_class, "image_processor"):  # None: DPO loads it
+            raise ValueError(
+                "The dataset has images (an `image` or `images` column): pass the model's processor (a ProcessorMixin "
+                f"with an image processor) as `processing_class`, not {type(processing_class).__name__}."
+            )
+        if args.precompute_ref_log_probs:
+            raise ValueError(
+                "`precompute_ref_log_probs=True` is not supported for rows with images (as in DPOTrainer): the images "
+                "are processed on the fly. Set `precompute_ref_log_probs=False`."
+            )
+
+        def convert(dataset):
+            return convert_to_k_responses(dataset, ultrafeedback_reward=args.ultrafeedback_reward)
+
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: convert(dataset) for name, dataset in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = convert(eval_dataset)
+        return convert(train_dataset), eval_dataset
+
     def _use_layout(self):
         """Install the collator of the layouts `choose_layout` allows and the LM head `head_choice` picks (once;
         DPOTrainer's reference precompute, which runs inside its constructor, needs them before it returns)."""
@@ -165,6 +204,7 @@ class _KResponseTrainer(DPOTrainer):
             self.aux_loss_enabled,
             cache_blocker=self._cache_blocker(unwrapped),
             shared_blocker=self._shared_blocker(unwrapped),
+            image_blockers=images_blocker(unwrapped) if self._images else None,
         )
         if self.args.prompt_sharing == "auto" and "padded" not in choice.reasons and choice.reasons:
             said = "; ".join(f"'{name}' is out: {reason}" for name, reason in choice.reasons.items())
@@ -182,10 +222,11 @@ class _KResponseTrainer(DPOTrainer):
             )
             for name in choice.allowed
         }
-        if len(collators) == 1:
-            self.data_collator = next(iter(collators.values()))
+        chooser = DataCollatorForAnyLayout(collators, shape, self.args.max_length) if len(collators) > 1 else None
+        if self._images:
+            self.data_collator = DataCollatorForImageRows(self.processing_class, collators, chooser)
         else:
-            self.data_collator = DataCollatorForAnyLayout(collators, shape, self.args.max_length)
+            self.data_collator = chooser or next(iter(collators.values()))
         # The LM head: TRL's fused head where it already scores only response tokens, ours (response tokens only)
         # elsewhere and for the prompt-cache layout, which ours alone runs
         self._head, why = head_choice(unwrapped, self.accelerator.device)
@@ -234,8 +275,11 @@ class _KResponseTrainer(DPOTrainer):
         column_names = dataset.column_names or list(next(iter(dataset)))
         if {"prompt_ids", "completion_ids"} <= set(column_names):
             return dataset  # already prepared (e.g. a dataset passed again to `evaluate`)
-        if {"image", "images"} & set(column_names):
-            raise ValueError(f"{type(self).__name__} trains on text only; the {dataset_name} dataset has images.")
+        if has_images(column_names):  # an eval dataset with images where the train dataset has none
+            raise ValueError(
+                f"The {dataset_name} dataset has images and the train dataset has none: give both datasets images, or "
+                "neither (the collator is chosen from the train dataset, as DPOTrainer's)."
+            )
         with global_then_local_main_first():
             return prepare_k_response_dataset(
                 dataset,
@@ -258,6 +302,8 @@ class _KResponseTrainer(DPOTrainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["prompt_ids", "completion_ids", "rewards", "ordered", "ref_logps"]
+            if self._images:  # untokenized: the collator processes the images
+                self._signature_columns += ["prompt", "completions", "images", "image", "chat_template_kwargs"]
 
     def _sequence_logps(self, model, inputs: dict, *, aux_loss: bool = False):
         """Summed log-probabilities of every response of the batch, `(N,)` in row-major order of `response_mask`,

@@ -24,6 +24,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl.trainer.utils import pad
 
 from . import prompt_cache, shared_prompt
+from .images import IMAGE_FIELDS, PER_TOKEN_FIELDS, DataCollatorForImageRows, has_images, images_blocker
 from .padded import DataCollatorForKResponses, per_response_values
 from .prompt_cache import (
     CALL_OVERHEAD_TOKENS,
@@ -142,13 +143,15 @@ def choose_layout(
     router_loss: bool = False,
     cache_blocker: str | None = None,
     shared_blocker: str | None = None,
+    image_blockers: dict[str, str] | None = None,
 ) -> LayoutChoice:
     """The layouts a `prompt_sharing` setting allows on a model with `attn_implementation`.
 
     `mask` needs an attention implementation in `SUPPORTED_ATTENTION`; both prompt-sharing layouts need `keep_start`
     truncation and no MoE router loss (its load-balancing term reads a 2D attention mask), and are out for the reason
     `shared_blocker` gives, if any (prompt-learning PEFT); `cache` is also out for the reason `cache_blocker` gives, if
-    any (a sliding-window model, reentrant gradient checkpointing, sharded parameters). A setting that names a layout
+    any (a sliding-window model, reentrant gradient checkpointing, sharded parameters); `image_blockers` rules out
+    the layouts a vision-language model cannot take image rows in (`images_blocker`). A setting that names a layout
     which cannot work raises a `ValueError` with the reason.
     """
     if prompt_sharing not in PROMPT_SHARING:
@@ -168,6 +171,8 @@ def choose_layout(
             )
         if cache_blocker:
             reasons["cache"] = cache_blocker
+    for name, reason in (image_blockers or {}).items():
+        reasons.setdefault(name, f"rows with images: {reason}")
     wanted = LAYOUTS_OF_SETTING[prompt_sharing]
     allowed = tuple(name for name in wanted if name not in reasons)
     if not allowed:
@@ -283,8 +288,8 @@ def model_inputs(batch: dict, attn_implementation: str, mask_dtype: torch.dtype)
     with the shared-prompt layout's 4D mask in the form the attention implementation takes (boolean for `sdpa`,
     additive in `mask_dtype` for `eager`, a block mask for `flex_attention`)."""
     if "prompt_input_ids" in batch:
-        return {key: batch[key] for key in CACHE_INPUTS}
-    kwargs = {key: batch[key] for key in MODEL_INPUTS if key in batch}
+        return {key: batch[key] for key in (*CACHE_INPUTS, "prompt_images") if key in batch}
+    kwargs = {key: batch[key] for key in (*MODEL_INPUTS, *IMAGE_FIELDS, *PER_TOKEN_FIELDS) if key in batch}
     if kwargs["attention_mask"].dim() == 4:
         if attn_implementation == "flex_attention":
             kwargs["attention_mask"] = block_mask_for(batch["segment_ids"], batch["row_ids"])
@@ -299,12 +304,15 @@ __all__ = [
     "PROMPT_SHARING",
     "SUPPORTED_ATTENTION",
     "DataCollatorForAnyLayout",
+    "DataCollatorForImageRows",
     "DataCollatorForKResponses",
     "DataCollatorForPromptCache",
     "DataCollatorForSharedPrompt",
     "LayoutChoice",
     "ModelShape",
     "choose_layout",
+    "has_images",
+    "images_blocker",
     "layout_cost",
     "layout_of",
     "make_collator",
