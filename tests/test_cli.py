@@ -9,7 +9,7 @@ import torch
 import yaml
 from conftest import build_model, build_tokenizer
 from datasets import Dataset, DatasetDict, load_from_disk
-from helpers import StopAt, k_response_dataset
+from helpers import StopAt, k_response_dataset, pairwise_dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from trl_nca import cli
@@ -18,7 +18,18 @@ from trl_nca.scripts.train import main, make_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-TRAINING_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if not {"accelerate", "online"} & set(p.parts))
+
+
+def runs_with_trl(recipe: Path) -> bool:
+    """A baseline recipe for TRL's own command (`trl dpo`), kept beside the trl-nca recipe it is compared with."""
+    return any(line.startswith("#   trl dpo ") for line in recipe.read_text().splitlines()[:6])
+
+
+ALL_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if "accelerate" not in p.parts)
+TRL_RECIPES = [p for p in ALL_RECIPES if runs_with_trl(p)]
+TRAINING_RECIPES = [p for p in ALL_RECIPES if "online" not in p.parts and p not in TRL_RECIPES]
+# The paper's starting model (the authors' released configs); every UltraFeedback recipe starts from it
+PAPERS_MODEL = "HuggingFaceH4/mistral-7b-sft-beta"
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate").glob("*.yaml"))
 # The documented overrides that switch a GPU recipe's GPU-only fields off for a CPU run (recipes/README.md)
 CPU_OVERRIDES = [
@@ -115,12 +126,21 @@ def test_accelerate_config_sets_up_what_its_name_says(config):
         assert int(settings[key]) == value
 
 
-@pytest.mark.parametrize("name", ["nca_qlora.yaml", "infonca_qlora.yaml"])
-def test_qlora_recipes_build_the_papers_setup(name):
+@pytest.mark.parametrize(
+    "name, reward_temperature",
+    [
+        ("ultrafeedback/nca_qlora.yaml", 1e-4),
+        ("ultrafeedback/infonca_qlora.yaml", 1e-4),
+        # Pairs: all label mass on `chosen`, as the authors' pairwise NCA (which ignores the scores)
+        ("ultrafeedback_binarized/nca_qlora.yaml", 0.0),
+    ],
+)
+def test_qlora_recipes_build_the_papers_setup(name, reward_temperature):
     """Through the real parser and TRL's helpers: the LoRA and 4-bit configs the trainer is handed."""
     from trl.trainer.utils import get_peft_config, get_quantization_config
 
-    script_args, args, model_args, _ = parse(["--config", str(RECIPES / "ultrafeedback" / name), *CPU_OVERRIDES])
+    script_args, args, model_args, _ = parse(["--config", str(RECIPES / name), *CPU_OVERRIDES])
+    assert model_args.model_name_or_path == PAPERS_MODEL and args.reward_temperature == reward_temperature
     settings = (args.beta, args.learning_rate, args.lr_scheduler_type.value, args.warmup_steps, args.max_length)
     assert settings == (0.01, 5e-6, "cosine", 0.1, 1024)
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 32 and args.num_train_epochs == 1
@@ -129,6 +149,94 @@ def test_qlora_recipes_build_the_papers_setup(name):
     assert lora.target_modules == "all-linear"
     quantization = get_quantization_config(model_args)
     assert quantization.load_in_4bit and quantization.bnb_4bit_quant_type == "nf4"
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_recipe_says_where_its_numbers_come_from(recipe):
+    comments = " ".join(line for line in recipe.read_text().splitlines() if line.lstrip().startswith("#"))
+    assert "Where the numbers come from" in comments and "our choice" in comments.lower()
+    if "ultrafeedback" in recipe.parent.name:
+        # The paper's settings are named as the paper's, and the run starts where the paper's runs started
+        assert "the paper's" in comments and "thu-ml/Noise-Contrastive-Alignment" in comments
+        assert yaml.safe_load(recipe.read_text())["model_name_or_path"] == PAPERS_MODEL
+
+
+@pytest.fixture(scope="module")
+def binarized_pairs(tmp_path_factory):
+    """Rows shaped like HuggingFaceH4/ultrafeedback_binarized: a text `prompt` beside whole conversations (user turn
+    included) in `chosen`, `rejected` and `messages`, with `prompt_id` and both scores."""
+    rows = []
+    for i, row in enumerate(pairwise_dataset()):
+        turn = row["prompt"]
+        chosen, rejected = turn + row["chosen"], turn + row["rejected"]
+        rows.append(
+            {"prompt": turn[0]["content"], "prompt_id": f"id{i}", "chosen": chosen, "rejected": rejected,
+             "messages": chosen, "score_chosen": 8.0, "score_rejected": 8.0 - i % 3}
+        )  # fmt: skip
+    folder = tmp_path_factory.mktemp("binarized")  # TRL's script loads a folder of files; trl-nca, the file too
+    Dataset.from_list(rows).to_json(folder / "train.jsonl")
+    return folder
+
+
+def pairs_run(recipe, assets, output_dir, *data):
+    return [
+        "--config", str(recipe), *CPU_OVERRIDES, "--model_name_or_path", str(assets / "tiny"), *data,
+        "--max_steps", "2", "--output_dir", str(output_dir), "--save_strategy", "no",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
+    ]  # fmt: skip
+
+
+def test_the_dpo_baseline_recipe_is_the_nca_pairs_recipe_but_the_loss(assets, binarized_pairs, tmp_path, monkeypatch):
+    """recipes/ultrafeedback_binarized: NCA through trl-nca and DPO through TRL's own `trl dpo` script, as the paper
+    compares them. The same settings but the loss, the data keys and the evaluation (TRL's DPOTrainer needs the text
+    `prompt` column left out, which only a dataset mixture does); each parses with no unknown key and trains 2 CPU
+    steps on binarized-UltraFeedback-shaped rows from the value at initialisation (NCA 2 log 2, DPO log 2)."""
+    import trl
+    from trl.scripts.dpo import main as dpo_main
+    from trl.scripts.dpo import make_parser as dpo_parser
+
+    nca_recipe = RECIPES / "ultrafeedback_binarized" / "nca_qlora.yaml"
+    (dpo_recipe,) = [p for p in TRL_RECIPES if p.parent == nca_recipe.parent]
+    nca, dpo = yaml.safe_load(nca_recipe.read_text()), yaml.safe_load(dpo_recipe.read_text())
+    own = {
+        "nca": {"reward_temperature", "dataset_name", "dataset_train_split", "dataset_test_split", "eval_steps"},
+        "dpo": {"loss_type", "datasets"},
+    }
+    differ = {"output_dir", "eval_strategy"}
+    assert set(nca) - set(dpo) == own["nca"] and set(dpo) - set(nca) == own["dpo"]
+    assert {k: v for k, v in nca.items() if k not in own["nca"] | differ} == {
+        k: v for k, v in dpo.items() if k not in own["dpo"] | differ
+    }
+    assert dpo["loss_type"] == ["sigmoid"] and dpo["eval_strategy"] == "no"
+    (mixture,) = dpo["datasets"]
+    assert (nca["dataset_name"], nca["dataset_train_split"]) == (
+        "HuggingFaceH4/ultrafeedback_binarized",
+        "train_prefs",
+    )
+    assert (mixture["path"], mixture["split"]) == (nca["dataset_name"], nca["dataset_train_split"])
+    assert "prompt" not in mixture["columns"]
+    dests = {action.dest for action in dpo_parser()._actions}
+    assert set(dpo) <= dests, f"unknown keys for `trl dpo`: {set(dpo) - dests}"
+
+    local_rows = ["--dataset_name", str(binarized_pairs / "train.jsonl"), "--dataset_train_split", "train"]
+    trainer = main(*parse(pairs_run(nca_recipe, assets, tmp_path / "nca", *local_rows, "--eval_strategy", "no")))
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-4)
+
+    # The DPO recipe as written, its mixture pointed at the local rows (same split name, same column selection)
+    local = {**mixture, "path": "json", "data_files": {mixture["split"]: str(binarized_pairs / "train.jsonl")}}
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump({**dpo, "datasets": [local]}))
+    trained = []
+
+    class Recorded(trl.DPOTrainer):  # TRL's script returns nothing: keep its trainer to read the log
+        def train(self, *args, **kwargs):
+            trained.append(self)
+            return super().train(*args, **kwargs)
+
+    monkeypatch.setattr(trl, "DPOTrainer", Recorded)
+    dpo_main(*dpo_parser().parse_args_and_config(pairs_run(tmp_path / "dpo.yaml", assets, tmp_path / "dpo"))[:4])
+    (trainer,) = trained
+    assert trainer.state.global_step == 2 and (tmp_path / "dpo" / "adapter_config.json").exists()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
 
 
 @pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
@@ -143,6 +251,10 @@ def test_training_recipe_runs_two_steps_on_cpu(recipe, assets, tmp_path):
             str(assets / "tiny"),
             "--dataset_name",
             str(assets / "data_dir"),
+            "--dataset_train_split",
+            "train",
+            "--dataset_test_split",
+            "test",
             "--max_steps",
             "2",
             "--output_dir",

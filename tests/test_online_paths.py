@@ -43,7 +43,7 @@ def test_moe_router_loss_is_scaled_for_gradient_accumulation_like_the_policy_los
         trainer.current_gradient_accumulation_steps = steps
         with torch.no_grad():
             losses[steps] = trainer.compute_loss(trainer.model, batch).item()
-    aux = trainer._metrics["train"]["aux_loss"][-1]
+    aux = float(trainer._metrics["train"]["aux_loss"][-1])
     assert aux > 0.1  # the router loss is a real share of the loss here
     assert losses[4] * 4 == pytest.approx(losses[1], rel=1e-6)
     assert losses[1] == pytest.approx(2 * math.log(2) + 0.5 * aux, rel=1e-6)  # sampler reference: NCA = 2 log 2

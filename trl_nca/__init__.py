@@ -3,6 +3,7 @@
 from .config import NCAConfig
 from .data import LAYOUTS, convert_to_k_responses, detect_layout, to_k_responses
 from .generation import build_reward_dataset
+from .group_forward import PromptSharingGRPOTrainer
 from .layouts import DataCollatorForKResponses, DataCollatorForPromptCache, DataCollatorForSharedPrompt
 from .losses import infonca_loss, nca_loss, soft_labels
 from .online_config import OnlineNCAConfig
@@ -22,6 +23,7 @@ __all__ = [
     "OnlineInfoNCATrainer",
     "OnlineNCAConfig",
     "OnlineNCATrainer",
+    "PromptSharingGRPOTrainer",
     "build_reward_dataset",
     "convert_to_k_responses",
     "detect_layout",

@@ -1,6 +1,10 @@
-"""Training metrics from `(B, K)` log-probabilities and data rewards, and per-token sums (pure functions)."""
+"""Training metrics from `(B, K)` log-probabilities and data rewards, and per-token sums (pure functions); and the
+reading of per-step metric values kept on the device, once per logging step (`read_device_metrics`)."""
 
 from __future__ import annotations
+
+from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 
@@ -111,15 +115,70 @@ def token_metric_sums(
     are flat over the scored tokens."""
     entropy = entropy.detach().float()
     best, _ = best_and_worst(rewards, response_mask)
-    # Flat index (row-major over `response_mask`) of each row's best response
-    flat_index = torch.full(response_mask.shape, -1, device=response_mask.device, dtype=torch.long)
-    flat_index[response_mask] = torch.arange(int(response_mask.sum()), device=response_mask.device)
-    best_tokens = torch.isin(owner, flat_index.gather(-1, best).squeeze(-1))
+    # Flat index (row-major over `response_mask`) of each row's best response, or `numel` for a row without any;
+    # counted on the device (a boolean-mask index or the number of responses would be read on the host)
+    flat_index = response_mask.flatten().cumsum(0).view(response_mask.shape) - 1
+    has_best = response_mask.gather(-1, best).squeeze(-1)
+    best_index = torch.where(has_best, flat_index.gather(-1, best).squeeze(-1), response_mask.numel())
+    is_best = torch.zeros(response_mask.numel() + 1, dtype=torch.bool, device=response_mask.device)
+    best_tokens = is_best.index_fill_(0, best_index, True)[owner]
     return torch.stack(
         [
             entropy.sum(),
-            torch.tensor(float(entropy.numel()), device=entropy.device),
+            entropy.new_full((), entropy.numel()),
             (is_top1.bool() & best_tokens).sum().float(),
             best_tokens.sum().float(),
         ]
     )
+
+
+class IfDefined(NamedTuple):
+    """A step's value of a metric that the step may leave undefined, kept on the device: `value` (0-d) counts in the
+    logged mean only where `defined` (0-d bool) is true, as if the step had not appended it otherwise."""
+
+    value: torch.Tensor
+    defined: torch.Tensor
+
+
+def read_device_metrics(metrics: dict[str, list]) -> None:
+    """Turn the device values in TRL's per-step metric lists (`trainer._metrics[mode]`: 0-d tensors and `IfDefined`)
+    into the Python numbers TRL's `log` averages, in place, with one host read per device and dtype; an undefined
+    `IfDefined` value is dropped, and a key left without values is removed. Floats already there stay as they are.
+
+    >>> undefined = IfDefined(torch.tensor(1.0), torch.tensor(False))
+    >>> metrics = {"entropy": [torch.tensor(0.5), 0.25], "logratio/labelled": [undefined]}
+    >>> read_device_metrics(metrics)
+    >>> metrics
+    {'entropy': [0.5, 0.25]}
+    """
+    tensors = []  # every tensor to read, in list order; an IfDefined adds its value then its flag
+    for values in metrics.values():
+        for value in values:
+            if isinstance(value, IfDefined):
+                tensors += [value.value, value.defined.to(value.value.dtype)]
+            elif isinstance(value, torch.Tensor):
+                tensors.append(value)
+    if not tensors:
+        return
+    groups = defaultdict(list)
+    for i, tensor in enumerate(tensors):
+        groups[tensor.device, tensor.dtype].append(i)
+    numbers = [None] * len(tensors)
+    with torch.no_grad():
+        for members in groups.values():
+            for i, number in zip(members, torch.stack([tensors[i] for i in members]).tolist()):
+                numbers[i] = number
+    read = iter(numbers)
+    for key, values in list(metrics.items()):
+        kept = []
+        for value in values:
+            if isinstance(value, IfDefined):
+                number, defined = next(read), next(read)
+                if defined:
+                    kept.append(number)
+            else:
+                kept.append(next(read) if isinstance(value, torch.Tensor) else value)
+        if values and not kept:
+            del metrics[key]
+        else:
+            metrics[key] = kept

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from trl import GRPOConfig
 
 from .config import check_beta_and_temperature, refuse_changed
+from .layouts import PROMPT_SHARING
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,15 @@ class OnlineNCAConfig(GRPOConfig):
             dropout that models apply functionally too (`trl_nca.dropout`).
     """
 
+    prompt_sharing: str = field(
+        default="auto",
+        metadata={
+            "help": "How each forward encodes a group's prompt (as NCAConfig's): 'auto' (the cheapest allowed layout "
+            "per batch by the cost model), 'on' (the cheaper of the two that encode each prompt once), 'off' (GRPO's "
+            "forward: the prompt once per completion), 'mask', 'cache'.",
+            "choices": list(PROMPT_SHARING),
+        },
+    )
     disable_dropout: bool = field(
         default=True,
         metadata={
@@ -115,6 +125,8 @@ class OnlineNCAConfig(GRPOConfig):
         if any(not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) for w in weights):
             # GRPO sums the weighted rewards with nansum: a NaN weight would silently drop its function
             raise ValueError(f"`reward_weights` must be finite numbers, got {self.reward_weights}.")
+        if self.prompt_sharing not in PROMPT_SHARING:
+            raise ValueError(f"`prompt_sharing` must be one of {PROMPT_SHARING}, got {self.prompt_sharing!r}.")
         if self.reference not in REFERENCES:
             raise ValueError(f"`reference` must be one of {REFERENCES}, got {self.reference!r}.")
         if self.sync_ref_model and self.reference == "sampler":

@@ -20,6 +20,8 @@ replaced here (TRL 1.16.0; pinned in `tests/test_trl_contracts.py`), as TRL's ow
 - `_save_checkpoint` / `_load_optimizer_and_scheduler`: GRPO's, plus the generation buffer and the micro-step
   counter, so that a checkpoint saved between two generations resumes on the same completions.
 - `evaluate`: InfoNCA checks that an evaluation batch holds whole groups before evaluating.
+- `_get_per_token_logps_and_entropies` (from `trl_nca.group_forward.PromptSharingMixin`): every forward encodes each
+  prompt once per group, through the offline trainers' layouts (`prompt_sharing`).
 
 What each `GRPOConfig` field does here (works as in GRPO, has an NCA meaning, or is refused) is the table in
 `docs/online.md`. `tests/test_trl_contracts.py` pins what still mirrors GRPO's code against GRPO's own output.
@@ -53,7 +55,9 @@ from trl.trainer.utils import (
 from .data import RowError
 from .data import _check_text_or_messages as check_text_or_messages
 from .dropout import disable_dropout, has_active_dropout
+from .group_forward import PromptSharingMixin
 from .losses import infonca_loss, nca_terms, soft_labels
+from .metrics import IfDefined, read_device_metrics
 from .online_config import OnlineNCAConfig
 from .rewards import RewardError, check_reward_values, reward_name
 from .trainer import NCA_PAPER
@@ -122,7 +126,7 @@ def _is_scalar(value) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim == 0
 
 
-class _OnlineKResponseTrainer(GRPOTrainer):
+class _OnlineKResponseTrainer(PromptSharingMixin, GRPOTrainer):
     """Shared loop of OnlineNCATrainer and OnlineInfoNCATrainer; subclasses say whether their loss needs each group
     whole in one micro-batch (`needs_whole_groups`)."""
 
@@ -176,6 +180,7 @@ class _OnlineKResponseTrainer(GRPOTrainer):
         self.reward_funcs = [
             f if isinstance(f, torch.nn.Module) else _checked(f, self.num_generations) for f in self.reward_funcs
         ]
+        self._install_prompt_sharing(args.prompt_sharing)
 
     # Replaces GRPOTrainer._get_train_sampler (TRL 1.16.0): the same sampler, reseeded per epoch (see above)
     def _get_train_sampler(self, dataset=None):
@@ -268,7 +273,7 @@ class _OnlineKResponseTrainer(GRPOTrainer):
             nca_valid=valid[local],
             nca_group=(torch.arange(first, first + len(inputs), device=rewards.device) // group_size),
         )
-        self._metrics[mode]["frac_tied_groups"].append(tied.float().mean().item())
+        self._metrics[mode]["frac_tied_groups"].append(tied.float().mean())  # read by `log`
         self._log_completion_weights(output, groups, labels, valid_groups)
         return output
 
@@ -390,7 +395,7 @@ class _OnlineKResponseTrainer(GRPOTrainer):
         loss = loss / normalizer
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean())
         self._log_step_metrics(mode, logps, ref_logps, entropies, mask, inputs)
         return loss
 
@@ -417,6 +422,8 @@ class _OnlineKResponseTrainer(GRPOTrainer):
         raise NotImplementedError
 
     def _log_step_metrics(self, mode, logps, ref_logps, entropies, mask, inputs) -> None:
+        """Appends the step's metrics to `self._metrics[mode]` as device tensors, as GRPO appends floats; `log` reads
+        them at the next logging step (a read here would make the host wait for the device every micro-batch)."""
         valid = inputs["nca_valid"]
         logratio = (logps - ref_logps).detach()
         labels = inputs["nca_labels"]
@@ -431,11 +438,17 @@ class _OnlineKResponseTrainer(GRPOTrainer):
                 (above & valid).sum(),
             ]
         ).float()
-        sums = self.accelerator.reduce(sums, reduction="sum")
-        self._metrics[mode]["entropy"].append((sums[0] / sums[1].clamp(min=1)).item())
-        self._metrics[mode]["logratio/mean"].append((sums[2] / sums[3].clamp(min=1)).item())
-        if sums[5] > 0:
-            self._metrics[mode]["logratio/labelled"].append((sums[4] / sums[5]).item())
+        sums = self.accelerator.reduce(sums.detach(), reduction="sum")
+        self._metrics[mode]["entropy"].append(sums[0] / sums[1].clamp(min=1))
+        self._metrics[mode]["logratio/mean"].append(sums[2] / sums[3].clamp(min=1))
+        # a step where no completion has more than a uniform share does not count in the mean
+        self._metrics[mode]["logratio/labelled"].append(IfDefined(sums[4] / sums[5], sums[5] > 0))
+
+    # Extends GRPOTrainer.log (TRL 1.16.0): reads the device values our metrics appended once per logging step (one
+    # `.tolist()` per dtype), into the numbers GRPOTrainer.log averages, those it logged when read every micro-batch
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        read_device_metrics(self._metrics["train" if self.model.training else "eval"])
+        super().log(logs, start_time)
 
 
 def _named_datasets(train_dataset, eval_dataset):

@@ -70,8 +70,10 @@ def head_choice(model, device: torch.device) -> tuple[str, str]:
     return "response", f"on {device.type}, TRL's fused head would score every position"
 
 
-def _log_probs_of_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor):
+def _log_probs_of_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor, temperature=1.0):
     logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    if temperature != 1.0:  # GRPO scores completions at its sampling temperature
+        logits = logits / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
     with torch.no_grad():
         entropy = -(log_probs.exp() * log_probs).sum(-1)
@@ -79,10 +81,10 @@ def _log_probs_of_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias, labels
     return log_probs.gather(-1, labels[:, None]).squeeze(-1), entropy, is_top1
 
 
-def response_log_probs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor):
-    """`(log_probs, entropy, is_top1)` of `labels` `(N,)` under the head applied to `hidden` `(N, H)`, float32,
-    `CHUNK_TOKENS` rows of logits at a time; chunks past `KEEP_BYTES` of kept log-softmax are recomputed in the
-    backward pass."""
+def response_log_probs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, temperature=1.0):
+    """`(log_probs, entropy, is_top1)` of `labels` `(N,)` under the head applied to `hidden` `(N, H)` (logits divided
+    by `temperature`), float32, `CHUNK_TOKENS` rows of logits at a time; chunks past `KEEP_BYTES` of kept log-softmax
+    are recomputed in the backward pass."""
     weight, bias = lm_head.weight, lm_head.bias
     if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as a DTensor; the hidden states are a plain tensor
         weight = weight.full_tensor()
@@ -91,7 +93,7 @@ def response_log_probs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: t
     labels = labels.to(weight.device)
     pieces, kept = [], 0
     for start in range(0, hidden.size(0), CHUNK_TOKENS):
-        chunk = (hidden[start : start + CHUNK_TOKENS], weight, bias, labels[start : start + CHUNK_TOKENS])
+        chunk = (hidden[start : start + CHUNK_TOKENS], weight, bias, labels[start : start + CHUNK_TOKENS], temperature)
         kept += chunk[0].size(0) * weight.size(0) * 4
         if kept > KEEP_BYTES and torch.is_grad_enabled():
             pieces.append(torch.utils.checkpoint.checkpoint(_log_probs_of_chunk, *chunk, use_reentrant=False))
@@ -225,12 +227,12 @@ def _prompt_cache_hidden(
     return torch.cat(hidden), torch.cat(labels)
 
 
-def add_response_head(model) -> None:
+def add_response_head(model, temperature: float = 1.0) -> None:
     """Patch `model` (a causal LM, before PEFT wraps it or its base model after) so that `response_head=True` runs
     the backbone and scores only the labelled positions: `labels` (as for a causal LM, shifted inside) for the padded
     and shared-prompt layouts, or the prompt-cache layout's `prompt_input_ids`, `prompt_lengths`,
     `response_input_ids`, `response_lengths`, `response_rows`, `response_calls`. Without `response_head` the forward
-    is unchanged."""
+    is unchanged. `temperature` divides the logits (GRPO's sampling temperature; 1 for the offline trainers)."""
     original_forward = model.forward
 
     @functools.wraps(type(model).forward)
@@ -255,7 +257,7 @@ def add_response_head(model) -> None:
                     kwargs["response_calls"],
                     kwargs.get("prompt_images"),
                 )
-            log_probs, entropy, is_top1 = response_log_probs(hidden, lm_head, targets)
+            log_probs, entropy, is_top1 = response_log_probs(hidden, lm_head, targets, temperature)
             return ResponseHeadOutput(log_probs=log_probs, entropy=entropy, is_top1=is_top1)
         kwargs["use_cache"] = False
         outputs = backbone(*args, **kwargs)
@@ -263,7 +265,7 @@ def add_response_head(model) -> None:
         labelled = labels != -100
         # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones
         states = outputs.last_hidden_state[:, -labels.size(1) - 1 : -1]
-        log_probs, entropy, is_top1 = response_log_probs(states[labelled], lm_head, labels[labelled])
+        log_probs, entropy, is_top1 = response_log_probs(states[labelled], lm_head, labels[labelled], temperature)
         aux_loss = None
         if kwargs.get("output_router_logits"):
             from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func

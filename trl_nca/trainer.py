@@ -10,6 +10,7 @@ The DPOTrainer methods replaced here, each a TRL-private contract pinned against
 - `_set_signature_columns_if_needed`: the columns the K-response collators read.
 - `compute_ref_log_probs` and `_precompute_ref_logps`: K reference log-probabilities per row instead of two.
 - `compute_loss`: the NCA / InfoNCA objective and the K-response metrics, replacing DPO's loss-type switch.
+- `log` (extended): the metrics stay on the device between logging steps and are read there, once.
 
 Evaluation, logging, saving, the model card, PEFT and `sync_ref_model` are DPOTrainer's; so is the fused LM head
 where it scores only response tokens (CUDA), and `trl_nca.scoring`'s response-only head is used elsewhere.
@@ -52,7 +53,7 @@ from .layouts import (
     sequences_per_response,
 )
 from .losses import infonca_loss, nca_loss
-from .metrics import k_response_metrics, token_metric_sums
+from .metrics import IfDefined, k_response_metrics, read_device_metrics, token_metric_sums
 from .scoring import (
     REENTRANT_CHECKPOINTING,
     ResponseHeadOutput,
@@ -452,7 +453,8 @@ class _KResponseTrainer(DPOTrainer):
         )
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+            aux_loss = self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean()
+            self._metrics[mode]["aux_loss"].append(aux_loss)  # a device tensor, read by `log`
         self._log_metrics(mode, inputs, outputs, owner, policy_logps, ref_logps)
         if return_outputs:
             # compute_metrics needs logits, which the response heads do not build: one more forward, as DPOTrainer's,
@@ -467,23 +469,33 @@ class _KResponseTrainer(DPOTrainer):
         return loss
 
     def _log_metrics(self, mode, inputs, outputs, owner, policy_logps, ref_logps) -> None:
+        """Appends the step's metrics to `self._metrics[mode]` as device tensors, as DPOTrainer appends floats;
+        `log` reads them at the next logging step (a read here would make the host wait for the device every
+        micro-batch). The token count `_total_train_tokens` is a device tensor too."""
         response_mask, rewards = inputs["response_mask"], inputs["rewards"]
         metrics = k_response_metrics(
             policy_logps, ref_logps, rewards, response_mask, beta=self.beta, ordered=inputs.get("ordered")
         )
-        # One gather for all per-prompt metrics; NaN marks a prompt where a metric is undefined
+        # One gather for all per-prompt metrics; NaN marks a prompt where a metric is undefined, and a step where no
+        # prompt defines a metric does not count in its mean
         gathered = self.accelerator.gather_for_metrics(torch.stack(list(metrics.values()), dim=1))
-        for key, column in zip(metrics, gathered.unbind(dim=1)):
-            if not column.isnan().all():
-                self._metrics[mode][key].append(column.nanmean().item())
+        means, defined = gathered.nanmean(dim=0), ~gathered.isnan().all(dim=0)
+        for key, mean, is_defined in zip(metrics, means, defined):
+            self._metrics[mode][key].append(IfDefined(mean, is_defined))
         sums = token_metric_sums(outputs.entropy, outputs.is_top1, owner, rewards, response_mask)
         sums = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(dim=0)
-        self._metrics[mode]["entropy"].append((sums[0] / sums[1].clamp(min=1)).item())
-        self._metrics[mode]["mean_token_accuracy"].append((sums[2] / sums[3].clamp(min=1)).item())
+        self._metrics[mode]["entropy"].append(sums[0] / sums[1].clamp(min=1))
+        self._metrics[mode]["mean_token_accuracy"].append(sums[2] / sums[3].clamp(min=1))
         if mode == "train":
-            num_tokens = self.accelerator.gather_for_metrics(inputs["num_tokens"].reshape(1)).sum().item()
-            self._total_train_tokens += num_tokens // self._tp_size
+            num_tokens = self.accelerator.gather_for_metrics(inputs["num_tokens"].reshape(1)).sum()
+            self._total_train_tokens = self._total_train_tokens + num_tokens // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    # Extends DPOTrainer.log (TRL 1.16.0): reads the device values `_log_metrics` appended once per logging step (one
+    # `.tolist()` per dtype), into the numbers DPOTrainer.log averages, those it logged when read every micro-batch
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        read_device_metrics(self._metrics["train" if self.model.training else "eval"])
+        super().log(logs, start_time)
 
 
 class NCATrainer(_KResponseTrainer):

@@ -209,7 +209,7 @@ def _mean(values):
 
 
 def run_demo(settings: DemoSettings) -> dict:
-    from ..scripts.plot import plot_log_history
+    from ..plotting import plot_log_history
 
     if settings.mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {settings.mode!r}")

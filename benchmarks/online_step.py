@@ -1,0 +1,193 @@
+"""The training half of one online step, OnlineNCATrainer (each prompt encoded once per group) against GRPOTrainer.
+
+The generated batch is fixed (a `rollout_func` returns random prompt and completion tokens of the cell's lengths, so
+generation does not blur the measurement): `prompts` prompts x K completions, every prompt `P` tokens, every
+completion `C` tokens. A step is what the trainer does with that batch in a training step with GRPO's defaults (one
+update per generation, so no old-log-prob forward; no reference forward: GRPO's beta is 0 and NCA's reference is the
+sampler): the loss (`compute_loss`) and its backward, LoRA r=16 on all linear layers of SmolLM2-135M-Instruct. Time
+is the median of `--steps` steps after one warm-up step; peak memory is CUDA's peak allocation, or on CPU the peak
+resident set size above the one before the first step (sampled every 5 ms). Each (cell, method) runs in a fresh
+process, the methods of a cell back to back.
+
+    ideal token ratio = (P + K C) / (K (P + C))   the tokens one encoding of each prompt computes, over GRPO's
+
+`--whole` adds one cell timed as a whole step with real sampling (generation included), for each method.
+
+    python benchmarks/online_step.py --cells 8x256x256,8x64x128          # K x P x C
+    python benchmarks/online_step.py --json benchmarks/results/online_step_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from step_time import peak_memory  # noqa: E402
+
+METHODS = ("grpo", "nca")
+GRID = [f"{k}x{p}x{c}" for k in (8, 16) for p in (64, 256, 1024) for c in (128, 512)]
+
+
+def random_rollout(prompt_length: int, completion_length: int, vocab: int, seed: int):
+    """A GRPO `rollout_func` whose prompts and completions are random tokens of fixed lengths (no EOS)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def tokens(n):
+        return torch.randint(100, vocab, (n,), generator=generator).tolist()
+
+    def rollout(prompts, trainer):
+        group = trainer.num_generations
+        prompt_ids = {}
+        out = {"prompt_ids": [], "completion_ids": [], "logprobs": []}
+        for i, _ in enumerate(prompts):
+            key = i // group
+            prompt_ids.setdefault(key, tokens(prompt_length))
+            out["prompt_ids"].append(prompt_ids[key])
+            out["completion_ids"].append(tokens(completion_length))
+            out["logprobs"].append([0.0] * completion_length)
+        return out
+
+    return rollout
+
+
+def constant_spread(prompts, completions, **kwargs):
+    return [float(i % 3) for i in range(len(completions))]
+
+
+def build(method, model, tokenizer, k, prompts, p, c, rollout, device, whole=False):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_nca import OnlineNCAConfig, OnlineNCATrainer
+    from trl_nca.demo import local_run_args
+
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"question {i}"}]} for i in range(prompts)])
+    settings = dict(
+        output_dir="/tmp/online_step",
+        per_device_train_batch_size=k * prompts,
+        num_generations=k,
+        max_completion_length=c,
+        disable_tqdm=True,
+        max_steps=1,
+        **local_run_args(0, device.type == "cuda"),
+    )
+    lora = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    kwargs = dict(model=model, reward_funcs=constant_spread, train_dataset=data, processing_class=tokenizer,
+                  peft_config=lora, rollout_func=None if whole else rollout)  # fmt: skip
+    if method == "grpo":
+        return GRPOTrainer(args=GRPOConfig(**settings), **kwargs)
+    return OnlineNCATrainer(args=OnlineNCAConfig(**settings), **kwargs)
+
+
+def worker(method, cell, args):
+    from trl_nca.demo import load_model
+
+    k, p, c = (int(x) for x in cell.split("x"))
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model_dir)
+    device = next(model.parameters()).device
+    rollout = random_rollout(p, c, len(tokenizer), seed=1)
+    trainer = build(method, model, tokenizer, k, args.prompts, p, c, rollout, device, whole=args.whole_worker)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # Trainer sets it in its training loop
+    rows = [trainer.train_dataset[i // k] for i in range(k * args.prompts)]
+    if args.whole_worker:  # a whole step: generation (real sampling), scoring, loss and backward
+        times = []
+        with peak_memory(device) as memory:
+            for step in range(args.steps + 1):
+                started = time.perf_counter()
+                batch = trainer._generate_and_score_completions(rows)
+                trainer.compute_loss(trainer.model, batch).backward()
+                trainer.model.zero_grad()
+                if step:
+                    times.append(time.perf_counter() - started)
+        layout = None
+    else:
+        batch = trainer._generate_and_score_completions(rows)
+        assert batch["completion_ids"].shape == (k * args.prompts, c), batch["completion_ids"].shape
+        times = []
+        with peak_memory(device) as memory:
+            for step in range(args.steps + 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                trainer.compute_loss(trainer.model, batch).backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                trainer.model.zero_grad()
+                if step:
+                    times.append(time.perf_counter() - started)
+        counts = getattr(getattr(trainer, "_group_collator", None), "counts", None)
+        layout = max(counts, key=counts.get) if counts else ("padded" if method == "grpo" else None)
+    record = {"method": method, "cell": cell, "k": k, "p": p, "c": c, "prompts": args.prompts,
+              "step_s": statistics.median(times), "peak_mem_mb": round(memory["peak_mb"], 1), "layout": layout,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "whole": args.whole_worker}  # fmt: skip
+    print("RECORD " + json.dumps(record), flush=True)
+
+
+def run_cell(cell, whole, args):
+    records = {}
+    for method in METHODS:
+        command = [sys.executable, __file__, "--worker", method, cell, "--steps", str(args.steps),
+                   "--prompts", str(args.prompts), "--model_dir", args.model_dir]  # fmt: skip
+        command += ["--whole_worker"] if whole else []
+        run = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in run.stdout.splitlines() if line.startswith("RECORD ")]
+        if run.returncode != 0 or not lines:
+            raise SystemExit(f"{cell} {method} failed:\n{run.stderr[-3000:]}")
+        records[method] = json.loads(lines[-1].removeprefix("RECORD "))
+        print(records[method], flush=True)
+    return records
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", default=",".join(GRID), help="K x P x C, comma-separated")
+    parser.add_argument("--prompts", type=int, default=1, help="prompts per step (groups of K)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--whole", default=None, help="a cell to time as a whole step with generation too")
+    parser.add_argument("--model_dir", default="runs/smollm2")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--whole_worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(*args.worker, args)
+        return
+    rows = []
+    for cell in args.cells.split(","):
+        records = run_cell(cell, False, args)
+        rows.append(records)
+    whole = run_cell(args.whole, True, args) if args.whole else None
+    print(f"\nSmolLM2-135M-Instruct + LoRA r=16, {rows[0]['nca']['device']}, {args.prompts} prompt(s) x K per step, "
+          f"median of {args.steps} steps (loss + backward of the fixed batch)\n")  # fmt: skip
+    print("| K | prompt | completion | NCA layout | GRPO (s) | NCA (s) | time ratio | ideal token ratio | "
+          "GRPO mem (MB) | NCA mem (MB) | memory ratio |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for records in rows:
+        g, n = records["grpo"], records["nca"]
+        ideal = (n["p"] + n["k"] * n["c"]) / (n["k"] * (n["p"] + n["c"]))
+        memory = n["peak_mem_mb"] / g["peak_mem_mb"] if g["peak_mem_mb"] else float("nan")
+        print(f"| {n['k']} | {n['p']} | {n['c']} | {n['layout']} | {g['step_s']:.2f} | {n['step_s']:.2f} | "
+              f"{n['step_s'] / g['step_s']:.2f} | {ideal:.2f} | {g['peak_mem_mb']:.0f} | {n['peak_mem_mb']:.0f} | "
+              f"{memory:.2f} |")  # fmt: skip
+    if whole:
+        g, n = whole["grpo"], whole["nca"]
+        print(f"\nWhole step with generation, {args.whole}: GRPO {g['step_s']:.1f} s, NCA {n['step_s']:.1f} s "
+              f"(ratio {n['step_s'] / g['step_s']:.2f})")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cells": rows, "whole": whole, "settings": vars(args)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

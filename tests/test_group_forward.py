@@ -1,0 +1,109 @@
+"""The online trainers' forward through the K-response layouts (each prompt encoded once per group) against GRPO's
+own forward: the same per-token log-probabilities and entropies at every completion token, the same loss and
+gradients, in every layout, with LoRA, gradient checkpointing, a sampling temperature, interleaved groups and
+completions GRPO masks; and the thin GRPOTrainer subclass."""
+
+import pytest
+import torch
+from conftest import build_model
+from online_helpers import deterministic_rollout, length_reward, online_args, prompts_dataset
+from test_online import lora
+from trl import GRPOConfig, GRPOTrainer
+
+from trl_nca import OnlineInfoNCATrainer, OnlineNCATrainer, PromptSharingGRPOTrainer
+from trl_nca.group_forward import group_rows
+
+SETTINGS = ["mask", "cache", "auto"]
+
+
+def build(cls, tokenizer, tmp_path, prompt_sharing, **overrides):
+    settings = {"num_generations": 4, "per_device_train_batch_size": 8, "max_completion_length": 8, **overrides}
+    return cls(
+        model=build_model(tokenizer), reward_funcs=length_reward, train_dataset=prompts_dataset(),
+        args=online_args(tmp_path / prompt_sharing, prompt_sharing=prompt_sharing, **settings),
+        processing_class=tokenizer, peft_config=lora(), rollout_func=deterministic_rollout,
+    )  # fmt: skip
+
+
+def forward_inputs(batch, order=None):
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    if order is not None:
+        ids, mask = ids[order], mask[order]
+    return ids, mask, batch["completion_ids"].size(1)
+
+
+def grads_of(trainer, logps, mask, weights):
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    return torch.autograd.grad((logps * mask * weights).sum(), params)
+
+
+@pytest.mark.parametrize("prompt_sharing", SETTINGS)
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
+def test_per_token_logps_entropies_and_gradients_are_grpos(prompt_sharing, checkpointing, tokenizer, tmp_path):
+    trainer = build(OnlineNCATrainer, tokenizer, tmp_path, prompt_sharing, temperature=0.7,
+                    gradient_checkpointing=checkpointing)  # fmt: skip
+    if checkpointing:
+        trainer.model.gradient_checkpointing_enable({"use_reentrant": False})
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in (0, 1) for _ in range(4)])
+    order = torch.tensor([5, 0, 3, 6, 1, 7, 2, 4])  # the groups interleaved, as NCA's one-by-one shuffle leaves them
+    ids, mask, keep = forward_inputs(batch, order)
+    completion_mask = batch["completion_mask"][order].float()
+    ours, our_entropy, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep,
+                                                                      compute_entropy=True)  # fmt: skip
+    theirs, their_entropy, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, keep,
+                                                                             compute_entropy=True)  # fmt: skip
+    real = completion_mask.bool()
+    assert real.sum() > 20 and ours.shape == theirs.shape
+    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_entropy[real], their_entropy[real], rtol=1e-5, atol=1e-5)
+    weights = torch.linspace(-1, 1, ours.numel()).view_as(ours)
+    for got, want in zip(grads_of(trainer, ours, completion_mask, weights),
+                         grads_of(trainer, theirs, completion_mask, weights)):  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    if prompt_sharing == "auto":
+        assert trainer._group_collator.counts  # it chose a layout per batch
+    # each prompt once: the forward saw 2 prompts, not 8 copies
+    examples, members = group_rows(ids, mask, keep)
+    assert [len(m) for m in members] == [4, 4] and sorted(sum(members, [])) == list(range(8))
+
+
+@pytest.mark.parametrize("cls", [OnlineNCATrainer, OnlineInfoNCATrainer])
+@pytest.mark.parametrize("prompt_sharing", ["mask", "cache"])
+def test_the_loss_and_a_training_step_are_those_of_grpos_forward(cls, prompt_sharing, tokenizer, tmp_path):
+    """One SGD step with `reference="initial"` and a masked truncated completion: the same weights after it as with
+    GRPO's forward (`prompt_sharing="off"`)."""
+    after = {}
+    for setting in ("off", prompt_sharing):
+        trainer = build(cls, tokenizer, tmp_path, setting, reference="initial", optim="sgd", max_steps=1,
+                        mask_truncated_completions=True, max_completion_length=4)  # fmt: skip
+        trainer.train()
+        after[setting] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        log = next(e for e in trainer.state.log_history if "loss" in e)
+        after[setting]["loss"] = torch.tensor(log["loss"])
+        if setting != "off":
+            assert trainer._group_collator is not None
+    for name, value in after["off"].items():
+        torch.testing.assert_close(after[prompt_sharing][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_grpo_subclass_trains_as_grpo(tokenizer, tmp_path):
+    """PromptSharingGRPOTrainer: GRPO's loss and step, its forwards through the shared-prompt layouts."""
+    after = {}
+    for cls, kwargs in ((GRPOTrainer, {}), (PromptSharingGRPOTrainer, {"prompt_sharing": "mask"})):
+        args = GRPOConfig(output_dir=str(tmp_path / cls.__name__), use_cpu=True, bf16=False, report_to=[],
+                          num_generations=4, per_device_train_batch_size=8, max_completion_length=8, max_steps=1,
+                          optim="sgd", learning_rate=0.5, gradient_checkpointing=False, beta=0.1, seed=0,
+                          logging_steps=1)  # fmt: skip
+        trainer = cls(model=build_model(tokenizer), reward_funcs=length_reward, args=args,
+                      train_dataset=prompts_dataset(), processing_class=tokenizer, peft_config=lora(),
+                      rollout_func=deterministic_rollout, **kwargs)  # fmt: skip
+        trainer.train()
+        after[cls] = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        after[cls]["loss"] = torch.tensor(next(e for e in trainer.state.log_history if "loss" in e)["loss"])
+    moved = 0
+    for name, value in after[GRPOTrainer].items():
+        torch.testing.assert_close(after[PromptSharingGRPOTrainer][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        moved += "lora_B" in name and bool(value.abs().sum() > 0)
+    assert moved

@@ -1,0 +1,158 @@
+"""GRPO's per-token forward, run through the K-response layouts: each prompt of a batch encoded once for its group.
+
+GRPOTrainer computes every log-probability it uses (the policy's in the loss, the old and the reference ones after
+generation) with `_get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, ...)`, on
+rows of `[left-padded prompt | right-padded completion]`, one row per completion: a prompt with K completions is
+encoded K times in each of these forwards. `PromptSharingMixin` replaces that method: the rows are grouped by prompt
+(rows with the same prompt tokens, wherever they sit in the batch), each group becomes a K-response row, and the
+offline trainers' layouts encode it (`trl_nca.layouts`: the padded layout, the prompt once with the completions after
+it under a 4D mask, or the prompt once and each completion on its keys and values), chosen per batch by the same cost
+model, with the response-only LM head (`trl_nca.scoring`, at GRPO's sampling temperature). The per-token
+log-probabilities and entropies come back in GRPO's `(rows, logits_to_keep)` shape, so the rest of GRPO (old
+log-probabilities, importance sampling, the completions table, metrics) is unchanged. Positions past a completion's
+last real token hold 0 (GRPO's hold values that every use masks out).
+
+Batches GRPO's forward passes image inputs to, and the MoE router loss (its load-balancing term reads a 2D mask), go
+to GRPO's own forward. `prompt_sharing` has the offline meaning (`auto`, `on`, `off`, `mask`, `cache`); `off` is
+GRPO's forward itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate.utils import is_peft_model
+from trl import GRPOTrainer
+
+from .layouts import (
+    DataCollatorForAnyLayout,
+    ModelShape,
+    choose_layout,
+    layout_of,
+    make_collator,
+    model_inputs,
+    response_owner,
+)
+from .scoring import add_response_head
+
+
+def group_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int):
+    """`(examples, members)`: GRPO's rows grouped by prompt. `examples` are K-response rows for the layouts' collators
+    (`prompt_ids`, `completion_ids`: the real tokens, at least one, since a completion that GRPO masks whole keeps one
+    token here, whose value is masked out downstream; placeholder `rewards`), `members[i]` the batch rows of example
+    i in response order."""
+    prompt_length = input_ids.size(1) - logits_to_keep
+    ids, mask = input_ids.tolist(), attention_mask.bool().tolist()
+    groups: dict[tuple[int, ...], int] = {}
+    examples, members = [], []
+    for b, (row, real) in enumerate(zip(ids, mask)):
+        prompt = tuple(t for t, keep in zip(row[:prompt_length], real[:prompt_length]) if keep)
+        length = max(sum(real[prompt_length:]), 1)
+        completion = row[prompt_length : prompt_length + length]
+        if prompt not in groups:
+            groups[prompt] = len(examples)
+            examples.append({"prompt_ids": list(prompt), "completion_ids": [], "rewards": []})
+            members.append([])
+        example = examples[groups[prompt]]
+        example["completion_ids"].append(completion)
+        example["rewards"].append(0.0)
+        members[groups[prompt]].append(b)
+    return examples, members
+
+
+def per_token(values: torch.Tensor, owner: torch.Tensor, order: list[int], shape) -> torch.Tensor:
+    """Scatter the flat per-token `values` of the layout's responses (`owner`: each value's response, tokens of a
+    response in order) into GRPO's `shape` `(rows, logits_to_keep)`; response n is batch row `order[n]`."""
+    out = values.new_zeros(shape)
+    rows = torch.tensor(order, device=values.device)[owner]
+    starts = torch.zeros(len(order) + 1, dtype=torch.long, device=values.device)
+    starts[1:] = torch.bincount(owner, minlength=len(order)).cumsum(0)
+    columns = torch.arange(len(owner), device=values.device) - starts[owner]
+    return out.index_put((rows, columns), values)
+
+
+class PromptSharingMixin:
+    """Put in front of `GRPOTrainer` (or a subclass) to encode each prompt once per group in all its forwards; call
+    `_install_prompt_sharing(prompt_sharing)` at the end of `__init__`."""
+
+    def _install_prompt_sharing(self, prompt_sharing: str) -> None:
+        self.prompt_sharing = prompt_sharing
+        self._group_collator = None
+        if prompt_sharing == "off":
+            return
+        from .trainer import _KResponseTrainer  # the offline trainers' checks of what a model allows
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        choice = choose_layout(
+            prompt_sharing,
+            unwrapped.config._attn_implementation,
+            "keep_start",
+            router_loss=False,  # batches with the router loss go to GRPO's forward
+            cache_blocker=_KResponseTrainer._cache_blocker(self, unwrapped),
+            shared_blocker=_KResponseTrainer._shared_blocker(unwrapped),
+        )
+        pad = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else None
+        pad = pad if pad is not None else self._tokenizer.pad_token_id
+        shape = ModelShape.of(unwrapped, self.accelerator.device.type)
+        collators = {
+            name: make_collator(name, pad_token_id=pad, max_length=None, truncation_mode="keep_start",
+                                pad_to_multiple_of=None, call_overhead=shape.call_overhead_tokens)
+            for name in choice.allowed
+        }  # fmt: skip
+        self._group_collator = (
+            DataCollatorForAnyLayout(collators, shape) if len(collators) > 1 else next(iter(collators.values()))
+        )
+        self._group_layouts = choice.allowed
+        for model in (self.model, getattr(self, "ref_model", None)):
+            if model is not None:
+                model = self.accelerator.unwrap_model(model)
+                add_response_head(model.get_base_model() if is_peft_model(model) else model, self.temperature)
+
+    # Replaces GRPOTrainer._get_per_token_logps_and_entropies (TRL 1.16.0) for text batches
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+        compute_aux_loss=False, **multimodal,
+    ):  # fmt: skip
+        if self._group_collator is None or compute_aux_loss or any(v is not None for v in multimodal.values()):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **multimodal,
+            )  # fmt: skip
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            chunk = slice(start, start + batch_size)
+            chunk_logps, chunk_entropy = self._grouped_forward(
+                model, input_ids[chunk], attention_mask[chunk], logits_to_keep
+            )
+            logps.append(chunk_logps)
+            entropies.append(chunk_entropy)
+        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+
+    def _grouped_forward(self, model, input_ids, attention_mask, logits_to_keep):
+        examples, members = group_rows(input_ids, attention_mask, logits_to_keep)
+        batch = self._group_collator(examples)
+        batch = {k: v.to(input_ids.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        kwargs = model_inputs(batch, self.accelerator.unwrap_model(model).config._attn_implementation, torch.float32)
+        with self.accelerator.autocast():
+            if layout_of(batch) == "cache":
+                outputs = model(**kwargs, response_head=True)
+                owner = response_owner(batch)
+            else:
+                labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+                outputs = model(**kwargs, labels=labels, response_head=True)
+                owners = batch["response_ids"][:, 1:]  # the response each next-token label belongs to
+                owner = owners[outputs.labelled[:, -owners.size(1) :]]
+        order = [b for group in members for b in group]
+        shape = (input_ids.size(0), logits_to_keep)
+        return per_token(outputs.log_probs, owner, order, shape), per_token(outputs.entropy, owner, order, shape)
+
+
+class PromptSharingGRPOTrainer(PromptSharingMixin, GRPOTrainer):
+    """TRL's `GRPOTrainer`, with each prompt encoded once per group in its policy, old and reference forwards
+    (`prompt_sharing`, default `"auto"`; see `trl_nca.group_forward`). The loss, the advantages, generation and every
+    `GRPOConfig` field are GRPO's: only how the per-token log-probabilities are computed changes, equal to GRPO's
+    within float tolerance."""
+
+    def __init__(self, *args, prompt_sharing: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._install_prompt_sharing(prompt_sharing)
