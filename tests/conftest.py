@@ -26,18 +26,19 @@ CORPUS = [
 ] * 20
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(extra_special_tokens=(), corpus=CORPUS) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `corpus`, ChatML's special tokens (and `extra_special_tokens`) kept whole."""
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_special_tokens]
     trainer = trainers.BpeTrainer(
         vocab_size=400,
         special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    core.train_from_iterator(CORPUS, trainer=trainer)
+    core.train_from_iterator(corpus, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = CHATML
     return tokenizer

@@ -113,7 +113,8 @@ def first_batch_loss_and_grads(trainer):
     trainer.model.zero_grad()
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    # parameters outside the loss (e.g. a LLaVA tower's last layers) have no gradient
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
 class StopAt(TrainerCallback):

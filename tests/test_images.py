@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from helpers import dpo_args, nca_args
+from helpers import dpo_args, first_batch_loss_and_grads, nca_args
 from trl import DPOTrainer
 from vlm_helpers import build_vlm, build_vlm_processor, small_images
 
@@ -65,16 +65,6 @@ def k_row_list(counts):
         }
         for i, (n, image) in enumerate(zip(counts, images))
     ]
-
-
-def first_batch_loss_and_grads(trainer):
-    """The loss of one batch of all training rows, and every gradient (LLaVA's unused tower layers have none)."""
-    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    batch = trainer._prepare_inputs(trainer.data_collator(rows))
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "llava"])

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import CORPUS
+from conftest import CORPUS, build_tokenizer
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessorPil,
     LlavaConfig,
@@ -71,18 +70,7 @@ def build_vlm_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     """`conftest.build_tokenizer`'s byte-level BPE, trained with the kind's image tokens as special tokens so that
     each stays one token."""
     _check_kind(kind)
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_SPECIAL_TOKENS[kind]]
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(_CORPUS, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = build_tokenizer(_SPECIAL_TOKENS[kind], corpus=_CORPUS)
     tokenizer.chat_template = _chat_template(IMAGE_PLACEHOLDER[kind])
     return tokenizer
 
