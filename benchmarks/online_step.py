@@ -143,11 +143,19 @@ def run_cell(cell, whole, args):
         command += ["--whole_worker"] if whole else []
         run = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in run.stdout.splitlines() if line.startswith("RECORD ")]
-        if run.returncode != 0 or not lines:
-            raise SystemExit(f"{cell} {method} failed:\n{run.stderr[-3000:]}")
+        if run.returncode != 0 or not lines:  # e.g. killed for memory (-9): recorded, and the run goes on
+            why = f"exit {run.returncode}" + (" (killed: out of memory?)" if run.returncode == -9 else "")
+            print(f"{cell} {method} failed, {why}:\n{run.stderr[-1500:]}", flush=True)
+            records[method] = {"method": method, "cell": cell, "failed": why}
+            continue
         records[method] = json.loads(lines[-1].removeprefix("RECORD "))
         print(records[method], flush=True)
     return records
+
+
+def records_cell(records) -> str:
+    k, p, c = next(iter(records.values()))["cell"].split("x")
+    return f"{k} | {p} | {c}"
 
 
 def main(argv=None):
@@ -169,13 +177,17 @@ def main(argv=None):
         records = run_cell(cell, False, args)
         rows.append(records)
     whole = run_cell(args.whole, True, args) if args.whole else None
-    print(f"\nSmolLM2-135M-Instruct + LoRA r=16, {rows[0]['nca']['device']}, {args.prompts} prompt(s) x K per step, "
+    device = next((r["nca"]["device"] for r in rows if "device" in r["nca"]), "?")
+    print(f"\nSmolLM2-135M-Instruct + LoRA r=16, {device}, {args.prompts} prompt(s) x K per step, "
           f"median of {args.steps} steps (loss + backward of the fixed batch)\n")  # fmt: skip
     print("| K | prompt | completion | NCA layout | GRPO (s) | NCA (s) | time ratio | ideal token ratio | "
           "GRPO mem (MB) | NCA mem (MB) | memory ratio |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for records in rows:
         g, n = records["grpo"], records["nca"]
+        if "failed" in g or "failed" in n:
+            print(f"| {records_cell(records)} | GRPO: {g.get('failed', 'ok')}; NCA: {n.get('failed', 'ok')} |")
+            continue
         ideal = (n["p"] + n["k"] * n["c"]) / (n["k"] * (n["p"] + n["c"]))
         memory = n["peak_mem_mb"] / g["peak_mem_mb"] if g["peak_mem_mb"] else float("nan")
         print(f"| {n['k']} | {n['p']} | {n['c']} | {n['layout']} | {g['step_s']:.2f} | {n['step_s']:.2f} | "
