@@ -26,11 +26,14 @@ from trl import GRPOTrainer
 from .layouts import (
     DataCollatorForAnyLayout,
     ModelShape,
+    cache_blocker,
     choose_layout,
     layout_of,
     make_collator,
     model_inputs,
     response_owner,
+    sharded_parameters,
+    shared_blocker,
 )
 from .scoring import add_response_head
 
@@ -79,16 +82,14 @@ class PromptSharingMixin:
         self._group_collator = None
         if prompt_sharing == "off":
             return
-        from .trainer import _KResponseTrainer  # the offline trainers' checks of what a model allows
-
         unwrapped = self.accelerator.unwrap_model(self.model)
         choice = choose_layout(
             prompt_sharing,
             unwrapped.config._attn_implementation,
             "keep_start",
             router_loss=False,  # batches with the router loss go to GRPO's forward
-            cache_blocker=_KResponseTrainer._cache_blocker(self, unwrapped),
-            shared_blocker=_KResponseTrainer._shared_blocker(unwrapped),
+            cache_blocker=cache_blocker(unwrapped, self.args, sharded=sharded_parameters(self)),
+            shared_blocker=shared_blocker(unwrapped),
         )
         pad = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else None
         pad = pad if pad is not None else self._tokenizer.pad_token_id

@@ -30,36 +30,37 @@ What each `GRPOConfig` field does here (works as in GRPO, has an NCA meaning, or
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import logging
 import os
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import Dataset
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import (
-    RepeatSampler,
     add_fused_lm_head,
     get_config_model_id,
-    is_async_callable,
     split_pixel_values_by_grid,
     split_tensor_dict,
     unsplit_pixel_values_by_grid,
 )
 
-from .data import RowError
-from .data import _check_text_or_messages as check_text_or_messages
 from .dropout import disable_dropout, has_active_dropout
 from .group_forward import PromptSharingMixin
-from .losses import infonca_loss, nca_terms, soft_labels
+from .losses import infonca_loss, nca_terms
 from .metrics import IfDefined, read_device_metrics
 from .online_config import OnlineNCAConfig
-from .rewards import RewardError, check_reward_values, reward_name
+from .online_groups import (
+    EpochSeededRepeatSampler,
+    check_prompts,
+    checked_reward,
+    group_labels,
+    named_datasets,
+    shuffle_groups,
+)
 from .trainer import NCA_PAPER
 
 logger = logging.getLogger(__name__)
@@ -73,57 +74,6 @@ FORWARD_FIELDS = tuple(
     if parameter.default is None and name != "batch_size"
 )
 GENERATION_STATE = "trl_nca_generation_state_{}.pt"  # one file per process in each checkpoint folder
-
-
-def _checked(func, group_size: int):
-    """A reward function whose values are checked (`trl_nca.rewards.check_reward_values`; `None`, GRPO's "not
-    applicable", passes), with the name and the sync/async kind of the original."""
-    name = reward_name(func)
-
-    if is_async_callable(func):  # async functions, partials of them, and instances with an async __call__ (as TRL)
-
-        @functools.wraps(func)
-        async def checked_async(prompts, completions, **kwargs):
-            values = await func(prompts=prompts, completions=completions, **kwargs)
-            return check_reward_values(name, values, prompts, group_size, allow_none=True)
-
-        return checked_async
-
-    @functools.wraps(func)
-    def checked(prompts, completions, **kwargs):
-        values = func(prompts=prompts, completions=completions, **kwargs)
-        return check_reward_values(name, values, prompts, group_size, allow_none=True)
-
-    return checked
-
-
-class EpochSeededRepeatSampler(RepeatSampler):
-    """TRL's `RepeatSampler`, with the order of each epoch drawn from `seed + epoch` (`set_epoch`, which Trainer calls
-    every epoch) instead of from a generator that only advances: a run resumed from a checkpoint then sees the
-    prompts in the order of the uninterrupted run. The first epoch's order is `RepeatSampler`'s."""
-
-    def set_epoch(self, epoch: int) -> None:
-        if self.shuffle and self.seed is not None:
-            self.generator.manual_seed(self.seed + epoch)
-
-
-def shuffle_groups(batch: dict, group_size: int) -> dict:
-    """Shuffle a generation batch by whole groups of `group_size` consecutive completions (as TRL's
-    `shuffle_sequence_dict` shuffles by completion): the completions of a prompt stay together and in order."""
-    size = len(next(value for value in batch.values() if value is not None and not _is_scalar(value)))
-    order = torch.randperm(size // group_size)
-    index = (order[:, None] * group_size + torch.arange(group_size)[None, :]).flatten()
-
-    def permute(value):
-        if value is None or _is_scalar(value):
-            return value
-        return value[index] if isinstance(value, torch.Tensor) else [value[i] for i in index]
-
-    return {key: permute(value) for key, value in batch.items()}
-
-
-def _is_scalar(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.ndim == 0
 
 
 class _OnlineKResponseTrainer(PromptSharingMixin, GRPOTrainer):
@@ -142,7 +92,7 @@ class _OnlineKResponseTrainer(PromptSharingMixin, GRPOTrainer):
             args = OnlineNCAConfig.from_grpo_config(args)
         self._check_group_settings(args, evaluating=args.eval_strategy != "no")
         if kwargs.get("environment_factory") is None:  # with an environment, the environment supplies the prompts
-            for split, dataset in _named_datasets(kwargs.get("train_dataset"), kwargs.get("eval_dataset")):
+            for split, dataset in named_datasets(kwargs.get("train_dataset"), kwargs.get("eval_dataset")):
                 check_prompts(dataset, split)
         self.reference = args.reference
         self.reward_temperature = args.reward_temperature
@@ -178,7 +128,7 @@ class _OnlineKResponseTrainer(PromptSharingMixin, GRPOTrainer):
                 "the first update. Set `disable_dropout=True` (OnlineNCAConfig's default) unless you want that."
             )
         self.reward_funcs = [
-            f if isinstance(f, torch.nn.Module) else _checked(f, self.num_generations) for f in self.reward_funcs
+            f if isinstance(f, torch.nn.Module) else checked_reward(f, self.num_generations) for f in self.reward_funcs
         ]
         self._install_prompt_sharing(args.prompt_sharing)
 
@@ -213,7 +163,7 @@ class _OnlineKResponseTrainer(PromptSharingMixin, GRPOTrainer):
     def evaluate(self, eval_dataset=None, *args, **kwargs):
         self._check_group_settings(self.args, training=False, evaluating=True)
         if eval_dataset is not None and not isinstance(eval_dataset, str):
-            for split, dataset in _named_datasets(None, eval_dataset):
+            for split, dataset in named_datasets(None, eval_dataset):
                 check_prompts(dataset, split)
         return super().evaluate(eval_dataset, *args, **kwargs)
 
@@ -241,61 +191,33 @@ class _OnlineKResponseTrainer(PromptSharingMixin, GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        rewards_per_func = self._rewards_per_func  # (all processes' completions, reward functions)
-        weights = self.reward_weights.to(rewards_per_func.device)
         # A completion counts in its group if some reward function scored it and it kept a token (GRPO masks
         # truncated completions when `mask_truncated_completions`)
-        scored = ~torch.isnan(rewards_per_func).all(dim=1)
         kept = self.accelerator.gather(output["completion_mask"].any(dim=1))
-        valid = scored & kept
-        rewards = self._summed_rewards(rewards_per_func, weights, valid, group_size)
-        groups = rewards.view(-1, group_size)
-        valid_groups = valid.view(-1, group_size)
-        labels = soft_labels(groups, valid_groups, reward_temperature=self.reward_temperature)
-        group_sizes = valid_groups.sum(dim=1, keepdim=True).expand_as(groups)
-        masked = groups.masked_fill(~valid_groups, torch.nan)
-        spread = masked.nan_to_num(-torch.inf).amax(1) - masked.nan_to_num(torch.inf).amin(1)
-        # A group with fewer than two valid completions has nothing to contrast: no signal, as a tie
-        tied = (valid_groups.sum(1) < 2) | (spread == 0)
-        if not bool(valid.any()):
+        groups = group_labels(
+            self._rewards_per_func, self.reward_weights, kept, group_size, self.reward_temperature,
+            self.reward_func_names,
+        )  # fmt: skip
+        if not bool(groups.valid.any()):
+            unscored, masked = int((~groups.scored).sum()), int((groups.scored.flatten() & ~kept).sum())
             logger.warning(
-                f"No completion of this {mode} generation batch can be trained on ({int((~scored).sum())} of "
-                f"{len(valid)} unscored: every reward function returned None; {int((scored & ~kept).sum())} masked: "
-                "truncated, with `mask_truncated_completions=True`): the step's loss and gradient are 0."
+                f"No completion of this {mode} generation batch can be trained on ({unscored} of "
+                f"{groups.valid.numel()} unscored: every reward function returned None; {masked} masked: truncated, "
+                "with `mask_truncated_completions=True`): the step's loss and gradient are 0."
             )
-
+        rewards, valid = groups.rewards.flatten(), groups.valid.flatten()
         local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
         first = self.accelerator.process_index * len(inputs)
         output.update(
             nca_rewards=rewards[local],
-            nca_labels=labels.flatten()[local].float(),
-            nca_group_size=group_sizes.flatten()[local],
+            nca_labels=groups.labels.flatten()[local].float(),
+            nca_group_size=groups.sizes.flatten()[local],
             nca_valid=valid[local],
             nca_group=(torch.arange(first, first + len(inputs), device=rewards.device) // group_size),
         )
-        self._metrics[mode]["frac_tied_groups"].append(tied.float().mean())  # read by `log`
-        self._log_completion_weights(output, groups, labels, valid_groups)
+        self._metrics[mode]["frac_tied_groups"].append(groups.tied.float().mean())  # read by `log`
+        self._log_completion_weights(output, groups.rewards, groups.labels, groups.valid)
         return output
-
-    def _summed_rewards(self, rewards_per_func, weights, valid, group_size) -> torch.Tensor:
-        """The weighted sum of the reward functions, float32 as GRPO's; a `RewardError` where the sum overflows float32
-        or where two different sums of a group become equal there (a silent tie)."""
-        exact = (rewards_per_func.double() * weights.double()).nansum(dim=1)
-        rewards = exact.float()
-        bad = valid & ~torch.isfinite(rewards)
-        collapsed = (exact.view(-1, group_size, 1) != exact.view(-1, 1, group_size)) & (
-            rewards.view(-1, group_size, 1) == rewards.view(-1, 1, group_size)
-        )
-        collapsed &= valid.view(-1, group_size, 1) & valid.view(-1, 1, group_size)
-        if bool(bad.any()) or bool(collapsed.any()):
-            i = int(bad.nonzero()[0]) if bool(bad.any()) else int(collapsed.any(-1).flatten().nonzero()[0])
-            problem = "overflows float32" if bool(bad.any()) else "ties with another in float32 though they differ"
-            raise RewardError(
-                f"The weighted sum of the reward functions {self.reward_func_names} for completion {i % group_size} "
-                f"of prompt {i // group_size} is {exact[i].item()!r}, which {problem}, the dtype rewards are trained "
-                "in; rescale the rewards or `reward_weights`."
-            )
-        return rewards
 
     def _log_completion_weights(self, output, groups, labels, valid_groups) -> None:
         """The completions table's `advantage` column: the weight w_k of each completion in -dL/d r_k, the direction
@@ -449,43 +371,6 @@ class _OnlineKResponseTrainer(PromptSharingMixin, GRPOTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         read_device_metrics(self._metrics["train" if self.model.training else "eval"])
         super().log(logs, start_time)
-
-
-def _named_datasets(train_dataset, eval_dataset):
-    """`(split name, dataset)` of the train dataset and of each eval dataset (one, or a dict of them)."""
-    named = [("train", train_dataset)] if train_dataset is not None else []
-    if isinstance(eval_dataset, dict):
-        named += [(f"eval '{name}'", dataset) for name, dataset in eval_dataset.items()]
-    elif eval_dataset is not None:
-        named.append(("eval", eval_dataset))
-    return named
-
-
-def check_prompts(dataset, split: str) -> None:
-    """Every row's `prompt` is text or a list of messages with roles (as the offline trainers check it); a
-    `ValueError` naming the dataset, the row and the column otherwise, before anything is generated from it. An
-    in-memory dataset is checked whole, a list of rows (a generation batch, e.g. from a stream) row by row, and a
-    stream as its rows arrive."""
-    if isinstance(dataset, Dataset):
-        if "prompt" not in dataset.column_names:
-            raise ValueError(
-                f"The {split} dataset needs a `prompt` column, as GRPOTrainer's does; it has {dataset.column_names}."
-            )
-        rows, where = enumerate(dataset["prompt"]), ""
-    elif isinstance(dataset, list):
-        missing = next((row for row in dataset if "prompt" not in row), None)
-        if missing is not None:
-            raise ValueError(
-                f"A row of the {split} dataset has no `prompt` column, as GRPOTrainer's needs; it has {list(missing)}."
-            )
-        rows, where = enumerate(row["prompt"] for row in dataset), " (of the generation batch)"
-    else:
-        return
-    for i, prompt in rows:
-        try:
-            check_text_or_messages(prompt, i, "prompt", prompt=True)
-        except RowError as error:
-            raise ValueError(f"{split.capitalize()} dataset{where}: {error}") from None
 
 
 class OnlineNCATrainer(_OnlineKResponseTrainer):

@@ -43,6 +43,7 @@ from .layouts import (
     DataCollatorForAnyLayout,
     DataCollatorForImageRows,
     ModelShape,
+    cache_blocker,
     choose_layout,
     has_images,
     images_blocker,
@@ -51,15 +52,15 @@ from .layouts import (
     model_inputs,
     response_owner,
     sequences_per_response,
+    sharded_parameters,
+    shared_blocker,
 )
 from .losses import infonca_loss, nca_loss
 from .metrics import IfDefined, k_response_metrics, read_device_metrics, token_metric_sums
 from .scoring import (
-    REENTRANT_CHECKPOINTING,
     ResponseHeadOutput,
     add_response_head,
     head_choice,
-    reentrant_checkpointing,
 )
 from .tokenization import prepare_k_response_dataset
 
@@ -203,8 +204,8 @@ class _KResponseTrainer(DPOTrainer):
             config._attn_implementation,
             self.args.truncation_mode,
             self.aux_loss_enabled,
-            cache_blocker=self._cache_blocker(unwrapped),
-            shared_blocker=self._shared_blocker(unwrapped),
+            cache_blocker=cache_blocker(unwrapped, self.args, sharded=sharded_parameters(self)),
+            shared_blocker=shared_blocker(unwrapped),
             image_blockers=images_blocker(unwrapped) if self._images else None,
         )
         if self.args.prompt_sharing == "auto" and "padded" not in choice.reasons and choice.reasons:
@@ -236,40 +237,6 @@ class _KResponseTrainer(DPOTrainer):
             if model is not None:
                 model = self.accelerator.unwrap_model(model)
                 add_response_head(model.get_base_model() if is_peft_model(model) else model)
-
-    def _cache_blocker(self, model) -> str | None:
-        """Why the prompt-cache layout cannot run here, or None."""
-        config = model.config.get_text_config()
-        layer_types = getattr(config, "layer_types", None) or []
-        if (
-            getattr(config, "sliding_window", None)
-            and getattr(config, "use_sliding_window", True)
-            or any("sliding" in str(kind) for kind in layer_types)
-        ):
-            return "the model has sliding-window attention layers"
-        # Trainer.train turns checkpointing on as `args` say, over the model's own setting; without it, the model's
-        # own setting (e.g. from PEFT's prepare_model_for_kbit_training) is what runs
-        if self.args.gradient_checkpointing:
-            reentrant = (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
-        else:
-            reentrant = reentrant_checkpointing(model)
-        if reentrant:
-            return REENTRANT_CHECKPOINTING
-        if self.is_fsdp_enabled or (
-            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        ):
-            return "sharded parameters are gathered per forward, and this layout's number of forwards varies by batch"
-        return None
-
-    @staticmethod
-    def _shared_blocker(model) -> str | None:
-        """Why neither prompt-sharing layout can run here, or None."""
-        if is_peft_model(model) and model.peft_config[model.active_adapter].is_prompt_learning:
-            return (
-                "prompt-learning PEFT puts virtual tokens (or their keys and values) and a 2D attention mask before "
-                "each sequence of a forward, where these layouts have a prompt to share or a 4D mask"
-            )
-        return None
 
     # Replaces DPOTrainer._prepare_dataset (TRL 1.16.0): any accepted layout -> prompt_ids + K completion_ids
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):

@@ -24,6 +24,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl.trainer.utils import pad
 
 from . import prompt_cache, shared_prompt
+from .blockers import cache_blocker, sharded_parameters, shared_blocker
 from .images import IMAGE_FIELDS, PER_TOKEN_FIELDS, DataCollatorForImageRows, has_images, images_blocker
 from .padded import DataCollatorForKResponses, per_response_values
 from .prompt_cache import (
@@ -310,6 +311,7 @@ __all__ = [
     "DataCollatorForSharedPrompt",
     "LayoutChoice",
     "ModelShape",
+    "cache_blocker",
     "choose_layout",
     "has_images",
     "images_blocker",
@@ -321,4 +323,6 @@ __all__ = [
     "response_owner",
     "row_unfit_for",
     "sequences_per_response",
+    "shared_blocker",
+    "sharded_parameters",
 ]
