@@ -49,9 +49,9 @@ def tokenizer():
     return build_tokenizer()
 
 
-def build_model(tokenizer, seed: int = 0, hidden_size: int = 32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def tiny_text_config(tokenizer, hidden_size: int = 32, **overrides) -> dict:
+    """The tiny 2-layer Llama text model of the tests, as config keyword arguments (`overrides` win)."""
+    config = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -63,6 +63,12 @@ def build_model(tokenizer, seed: int = 0, hidden_size: int = 32) -> LlamaForCaus
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
+    return {**config, **overrides}
+
+
+def build_model(tokenizer, seed: int = 0, hidden_size: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(**tiny_text_config(tokenizer, hidden_size))
     return LlamaForCausalLM(config).float()
 
 

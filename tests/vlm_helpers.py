@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import CORPUS, build_tokenizer
+from conftest import CORPUS, build_tokenizer, tiny_text_config
 from PIL import Image
 from transformers import (
     CLIPImageProcessorPil,
@@ -103,19 +103,7 @@ def build_vlm_processor(kind: str) -> ProcessorMixin:
 
 
 def _text_config(tokenizer, hidden_size: int) -> dict:
-    return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    return tiny_text_config(tokenizer, hidden_size, max_position_embeddings=512, bos_token_id=None)
 
 
 def build_vlm(processor: ProcessorMixin, kind: str, seed: int = 0, hidden_size: int = 32) -> PreTrainedModel:
