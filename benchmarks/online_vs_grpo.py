@@ -10,18 +10,23 @@ generates the same number of completions in all. Methods (each with its class's 
   offline-nca  K completions per question sampled once from the start, then NCATrainer on them (the demo's offline
                mode), with as many completions as the online runs generate
 
-A knob is written after the method: `nca[reward_temperature=0.5]`, `nca[reference=initial]`, `nca[num_iterations=2]`,
-`nca[k=4]` (K changes the questions per step so that the completions per step stay equal).
+A knob is written after the method: `nca[reward_temperature=0.5]`, `nca[reference=initial]`, `nca[num_iterations=2]`
+(each generation used for 2 optimizer steps; the run takes twice the steps, so it generates as many completions),
+`nca[k=4]` (K changes the questions per step so that the completions per step stay equal), `nca[logratio=mean]`
+(r_k from the mean of the completion's token log-ratios instead of their sum: per-token normalisation).
 
 Tasks (`benchmarks/online_tasks.py`): `arithmetic` (the demo's) and `partial` (two-step problems with partial credit).
-Held-out greedy answers are scored at the start, halfway and at the end, with two checks: `strict` (the last integer
-is right: what the reward pays for) and `anywhere` (the right number appears in the answer), in all and per kind.
+Held-out greedy answers are scored at the start, every `--eval_every` generations and at the end, with two checks:
+`strict` (the last integer is right: what the reward pays for) and `anywhere` (the right number appears in the
+answer), in all and per kind.
 
 Each finished run appends one JSON line to `--records` (runs already there are skipped, so the script resumes);
 `--summarize` prints the table (mean and spread over seeds) and draws the plot from the records.
 
-    python benchmarks/online_vs_grpo.py --records benchmarks/results/online_vs_grpo_seeds.jsonl     # hours on CPU
-    python benchmarks/online_vs_grpo.py --records R.jsonl --summarize --plot docs/online_vs_grpo.png
+    python benchmarks/online_vs_grpo.py --records benchmarks/results/online_vs_grpo.jsonl     # hours on CPU
+    python benchmarks/online_vs_grpo.py --records benchmarks/results/online_vs_grpo_knobs.jsonl --tasks partial \
+        --methods "nca[reward_temperature=0.3],nca[reference=initial],nca[logratio=mean],nca[k=4],..."
+    python benchmarks/online_vs_grpo.py --records R.jsonl,KNOBS.jsonl --summarize --plot docs/online_vs_grpo.png
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ class HeldoutCurve(TrainerCallback):
             paused = time.time()
             scores = self.evaluate(model)
             self.paused += time.time() - paused
-            completions = self.before + state.global_step * self.per_step
+            completions = round(self.before + state.global_step * self.per_step)
             self.points.append({"step": state.global_step, "completions": completions, "seconds": round(seconds, 1),
                                 **scores})  # fmt: skip
 
@@ -94,8 +99,12 @@ def run(method_spec: str, task_name: str, seed: int, args, base, tokenizer, star
 
     method, knobs = parse_method(method_spec)
     k = int(knobs.pop("k", args.k))
-    per_step = args.prompts_per_step * args.k  # completions per step, equal for every method and knob
+    per_step = args.prompts_per_step * args.k  # completions per generation, equal for every method and knob
     prompts_per_step = per_step // k
+    # num_iterations > 1 reuses each generation for that many optimizer steps: the run takes that many times the
+    # steps, so that it generates as many completions as the others
+    iterations = int(knobs.get("num_iterations", 1))
+    steps = args.steps * iterations
     make, heldout_of, reward = task(task_name)
     prompts = make(args.steps * prompts_per_step, seed)
     heldout = heldout_of(args.heldout_prompts, seed)
@@ -103,21 +112,21 @@ def run(method_spec: str, task_name: str, seed: int, args, base, tokenizer, star
     out = Path(args.out) / f"{task_name}-{seed}-{method_spec}"
     torch.manual_seed(seed)
     lora = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
-    common = dict(learning_rate=args.learning_rate, max_steps=args.steps, disable_tqdm=True,
+    common = dict(learning_rate=args.learning_rate, max_steps=steps, disable_tqdm=True,
                   **local_run_args(seed, torch.cuda.is_available()))  # fmt: skip
     micro = min(per_step, 32)
     online = dict(common, per_device_train_batch_size=micro, gradient_accumulation_steps=per_step // micro,
                   num_generations=k, max_completion_length=args.max_new_tokens, temperature=args.temperature,
                   shuffle_dataset=False)  # fmt: skip
     model = copy.deepcopy(base)
-    halfway = [args.steps // 2]
+    at_steps = [s * iterations for s in range(args.eval_every, args.steps, args.eval_every)]
     start_point = {"step": 0, "completions": 0, "seconds": 0.0, **start_scores}
     started = time.time()
     if method == "offline-nca":
         dataset, _ = build_reward_dataset(model, tokenizer, prompts, reward, k=k, temperature=args.temperature,
                                           max_new_tokens=args.max_new_tokens, seed=seed)  # fmt: skip
         sampling = time.time() - started
-        curve = HeldoutCurve(evaluate, halfway, 0, before=len(prompts) * k, start={**start_point})
+        curve = HeldoutCurve(evaluate, at_steps, 0, before=len(prompts) * k, start={**start_point})
         curve.points[0]["completions"] = len(prompts) * k
         curve.points[0]["seconds"] = round(sampling, 1)
         curve.paused -= sampling  # the sampling time counts
@@ -126,7 +135,7 @@ def run(method_spec: str, task_name: str, seed: int, args, base, tokenizer, star
         trainer = NCATrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=lora)  # fmt: skip
     else:
-        curve = HeldoutCurve(evaluate, halfway, per_step, start=start_point)
+        curve = HeldoutCurve(evaluate, at_steps, per_step / iterations, start=start_point)
         train = Dataset.from_list(prompts)
         if method == "grpo":
             config = GRPOConfig(output_dir=str(out), **online, **knobs)
@@ -134,6 +143,8 @@ def run(method_spec: str, task_name: str, seed: int, args, base, tokenizer, star
                                   processing_class=tokenizer, peft_config=lora)  # fmt: skip
         else:
             cls = OnlineNCATrainer if method == "nca" else OnlineInfoNCATrainer
+            if knobs.pop("logratio", "sum") == "mean":
+                cls = length_normalized(cls)
             config = OnlineNCAConfig(output_dir=str(out), **online, **knobs)
             trainer = cls(model=model, reward_funcs=reward, args=config, train_dataset=train,
                           processing_class=tokenizer, peft_config=lora)  # fmt: skip
@@ -152,6 +163,20 @@ def run(method_spec: str, task_name: str, seed: int, args, base, tokenizer, star
     }
 
 
+def length_normalized(cls):
+    """The knob `logratio=mean`: r_k = beta * the mean over the completion's tokens of its log-ratio, instead of the
+    sum (the paper's), so that each token's gradient is divided by its completion's length, as in GRPO's
+    `loss_type="grpo"`. (The sum already weighs every token of a batch alike, as DAPO's per-token loss does, up to
+    DAPO's 1 / tokens-in-the-batch factor, a scale that Adam mostly ignores.)"""
+
+    class LengthNormalized(cls):
+        def _group_loss(self, logps, ref_logps, inputs, group_size):
+            lengths = inputs["completion_mask"].sum(1).clamp(min=1)
+            return super()._group_loss(logps / lengths, ref_logps / lengths, inputs, group_size)
+
+    return LengthNormalized
+
+
 def evaluator(tokenizer, heldout):
     from trl_nca.generation import generate
 
@@ -163,9 +188,37 @@ def evaluator(tokenizer, heldout):
     return evaluate
 
 
+def mean_curve(runs: list[dict], key: str = "strict") -> list[tuple[int, float, float, float, int]]:
+    """`(completions, mean, min, max, runs)` at each number of completions generated that some run scored at; a
+    point's statistics are over the runs that have it (offline runs score every point at their full sample)."""
+    by_completions: dict[int, list[float]] = {}
+    for record in runs:
+        last = {}
+        for point in record["points"]:
+            last[point["completions"]] = point[key]  # offline: the last score at its completions count
+        for completions, value in last.items():
+            by_completions.setdefault(completions, []).append(value)
+    return [(c, statistics.mean(v), min(v), max(v), len(v)) for c, v in sorted(by_completions.items())]
+
+
+def completions_to_reach(runs: list[dict], target: float) -> int | None:
+    """The fewest completions from which on the mean over seeds stays at or above `target` (a curve that touches it
+    and falls back below has not reached it), or None."""
+    reached = None
+    for completions, mean, _, _, _ in mean_curve(runs):
+        if completions == 0:
+            continue
+        if mean < target - 1e-9:
+            reached = None
+        elif reached is None:
+            reached = completions
+    return reached
+
+
 def summarize(records: list[dict], plot_path: str | None) -> str:
-    lines = ["| task | method | seeds | start strict | end strict (mean ± sd) | change | end anywhere | completions |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| task | method | seeds | start strict | end strict (mean ± sd) | change | end anywhere | completions "
+             "| train s (median) | completions until at GRPO's end for good |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     groups: dict[tuple[str, str], list[dict]] = {}
     for record in records:
         groups.setdefault((record["task"], record["method"]), []).append(record)
@@ -175,11 +228,17 @@ def summarize(records: list[dict], plot_path: str | None) -> str:
         anywhere = [r["final"]["anywhere"] for r in runs]
         change = [e - s for s, e in zip(start, end)]
         sd = statistics.stdev(end) if len(end) > 1 else 0.0
+        grpo = groups.get((task_name, "grpo"))
+        reach = "-"
+        if grpo and method != "grpo":
+            needed = completions_to_reach(runs, statistics.mean(r["final"]["strict"] for r in grpo))
+            reach = "not reached" if needed is None else f"{needed} ({needed / grpo[0]['completions']:.0%})"
         lines.append(
             f"| {task_name} | {method} | {len(runs)} | {statistics.mean(start):.3f} | {statistics.mean(end):.3f} ± "
-            f"{sd:.3f} | {statistics.mean(change):+.3f} | {statistics.mean(anywhere):.3f} | {runs[0]['completions']} |"
+            f"{sd:.3f} | {statistics.mean(change):+.3f} | {statistics.mean(anywhere):.3f} | {runs[0]['completions']} "
+            f"| {statistics.median(r['train_seconds'] for r in runs):.0f} | {reach} |"
         )
-    lines += ["", "Per kind (end, strict / anywhere, mean over seeds):", ""]
+    lines += ["", "Per kind (start strict -> end strict / end anywhere, mean over seeds):", ""]
     for (task_name, method), runs in sorted(groups.items()):
         kinds = sorted(runs[0]["final"]["by_kind"])
         cells = []
@@ -201,17 +260,16 @@ def plot(groups, path):
     import matplotlib.pyplot as plt
 
     tasks = sorted({t for t, _ in groups})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for axis, task_name in zip(axes[0], tasks):
         for (t, method), runs in sorted(groups.items()):
             if t != task_name:
                 continue
-            x = [p["completions"] for p in runs[0]["points"]]
-            values = [[r["points"][i]["strict"] for r in runs] for i in range(len(x))]
-            mean = [statistics.mean(v) for v in values]
-            low, high = [min(v) for v in values], [max(v) for v in values]
-            line = axis.plot(x, mean, marker="o", label=f"{method} ({len(runs)} seeds)")[0]
-            axis.fill_between(x, low, high, alpha=0.15, color=line.get_color())
+            curve = mean_curve(runs)
+            x = [c for c, *_ in curve]
+            line = axis.plot(x, [m for _, m, *_ in curve], marker="o", label=f"{method} ({len(runs)} seeds)")[0]
+            axis.fill_between(x, [lo for *_, lo, _, _ in curve], [hi for *_, hi, _ in curve], alpha=0.12,
+                              color=line.get_color())  # fmt: skip
         axis.set_title(task_name)
         axis.set_xlabel("completions generated")
         axis.set_ylabel("held-out greedy accuracy (strict)")
@@ -235,17 +293,27 @@ def main(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--heldout_prompts", type=int, default=64)
+    parser.add_argument("--eval_every", type=int, default=2, help="held-out scores every this many generations")
     parser.add_argument("--out", default="runs/online_vs_grpo")
-    parser.add_argument("--records", required=True, help="JSON lines, one per finished run (appended)")
-    parser.add_argument("--summarize", action="store_true", help="print the table from --records and stop")
+    parser.add_argument(
+        "--records",
+        required=True,
+        help="JSON lines, one per finished run (appended); comma-separated files with --summarize",
+    )
+    parser.add_argument(
+        "--summarize", action="store_true", help="print the table of the --tasks and --methods in --records and stop"
+    )
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
 
-    path = Path(args.records)
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    if args.summarize:
+    if args.summarize:  # several record files may be summarized together (the study and its knobs)
+        records = [json.loads(line) for p in args.records.split(",") for line in Path(p).read_text().splitlines()]
+        tasks, methods = args.tasks.split(","), args.methods.split(",")
+        records = [r for r in records if r["task"] in tasks and r["method"] in methods]
         print(summarize(records, args.plot))
         return
+    path = Path(args.records)
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     from trl_nca.demo import load_model
 
     base, tokenizer = load_model(args.model_dir)

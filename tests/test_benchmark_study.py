@@ -1,0 +1,123 @@
+"""The pieces of `benchmarks/online_vs_grpo.py` that decide its numbers: the second task's reward, the two answer
+checks, the knob parser, the curves over seeds (and "completions to reach GRPO's end"), and the per-token knob."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
+from online_tasks import make_partial_problems, partial_reward, score_answers, task  # noqa: E402
+from online_vs_grpo import completions_to_reach, length_normalized, mean_curve, parse_method  # noqa: E402
+
+from trl_nca import OnlineNCATrainer  # noqa: E402
+from trl_nca.losses import nca_loss  # noqa: E402
+
+
+def test_partial_reward_has_three_levels_and_a_format_bonus():
+    # "7 * 6 + 5": first step 42, answer 47
+    completions = ["The answer is 47.", "7 * 6 = 42, so 48.", "No idea at all.", "47" + " and more" * 10]
+    rewards = partial_reward(None, completions, answer=[47] * 4, step=[42] * 4)
+    # right and clear; first step shown (and clear: a number in the last sentence); nothing; right but long
+    assert rewards == pytest.approx([1.1, 0.5, 0.0, 1.0])
+    # a one-step product has no partial credit
+    assert partial_reward(None, ["I think 12"], answer=[20], step=[None]) == pytest.approx([0.1])
+
+
+def test_partial_problems_are_reproducible_and_heldout_differs():
+    make, heldout, _ = task("partial")
+    assert make(20, 3) == make_partial_problems(20, 3)
+    train = {p["prompt"][0]["content"] for p in make(50, 0)}
+    held = {p["prompt"][0]["content"] for p in heldout(50, 0)}
+    assert train != held
+    for problem in make(30, 1):
+        expression = problem["prompt"][0]["content"].split("What is ")[1].split("?")[0]
+        assert eval(expression) == problem["answer"]  # the questions' own arithmetic
+
+
+def test_strict_and_anywhere_checks_differ_on_trailing_numbers():
+    problems = [{"answer": 9, "kind": "sum"}, {"answer": 9, "kind": "sum"}, {"answer": 4, "kind": "product"}]
+    scores = score_answers(["4 + 5 = 9", "It is 9, step 2.", "5"], problems)
+    assert scores["strict"] == pytest.approx(1 / 3)
+    assert scores["anywhere"] == pytest.approx(2 / 3)
+    assert scores["by_kind"]["sum"] == {"strict": 0.5, "anywhere": 1.0, "n": 2}
+    assert scores["by_kind"]["product"]["anywhere"] == 0.0
+
+
+def test_parse_method_reads_knobs_and_refuses_unknown_methods():
+    assert parse_method("nca") == ("nca", {})
+    assert parse_method("nca[reward_temperature=0.5,k=4,reference=initial]") == (
+        "nca",
+        {"reward_temperature": 0.5, "k": 4, "reference": "initial"},
+    )
+    with pytest.raises(ValueError, match=r"unknown method 'ppo\[k=4\]'"):
+        parse_method("ppo[k=4]")
+
+
+def _record(points):
+    return {"points": [{"completions": c, "strict": s} for c, s in points]}
+
+
+def test_mean_curve_averages_the_runs_that_have_each_point():
+    runs = [_record([(0, 0.2), (64, 0.3), (128, 0.5)]), _record([(0, 0.4), (128, 0.3)])]
+    assert mean_curve(runs) == [
+        (0, pytest.approx(0.3), 0.2, 0.4, 2),
+        (64, pytest.approx(0.3), 0.3, 0.3, 1),
+        (128, pytest.approx(0.4), 0.3, 0.5, 2),
+    ]
+    # an offline run scores every point at its whole sample: its last score counts there
+    offline = _record([(256, 0.1), (256, 0.2), (256, 0.35)])
+    assert mean_curve([offline]) == [(256, 0.35, 0.35, 0.35, 1)]
+    assert completions_to_reach(runs, 0.3) == 64
+    assert completions_to_reach(runs, 0.4) == 128
+    assert completions_to_reach(runs, 0.41) is None
+    assert completions_to_reach(runs, 0.0) == 64  # the start does not count as reaching anything
+    # touching the target and falling back below does not count: the curve must stay at or above it
+    dip = [_record([(0, 0.1), (64, 0.5), (128, 0.2), (192, 0.45), (256, 0.5)])]
+    assert completions_to_reach(dip, 0.45) == 192
+    assert completions_to_reach(dip, 0.55) is None
+
+
+def test_length_normalized_knob_is_nca_on_mean_token_logratios():
+    torch.manual_seed(0)
+    groups, k, tokens = 2, 3, 5
+    mask = torch.ones(groups * k, tokens)
+    mask[0, 3:] = 0
+    mask[4, 1:] = 0
+    per_token = torch.randn(groups * k, tokens, requires_grad=True)
+    ref_per_token = torch.randn(groups * k, tokens)
+    rewards = torch.tensor([[1.0, 0.4, 0.0], [0.1, 1.1, 0.5]])
+    beta, alpha = 0.1, 0.3
+    labels = torch.softmax(rewards / alpha, dim=-1).flatten()
+    trainer = object.__new__(length_normalized(OnlineNCATrainer))
+    trainer.nca_beta = beta
+    inputs = {
+        "completion_mask": mask,
+        "nca_labels": labels,
+        "nca_group_size": torch.full((groups * k,), k),
+        "nca_valid": torch.ones(groups * k, dtype=torch.bool),
+    }
+    logps, ref_logps = (per_token * mask).sum(1), (ref_per_token * mask).sum(1)
+    loss = trainer._group_loss(logps, ref_logps, inputs, k)
+    lengths = mask.sum(1)
+    expected = nca_loss(
+        (logps / lengths).view(groups, k),
+        (ref_logps / lengths).view(groups, k),
+        rewards,
+        beta=beta,
+        reward_temperature=alpha,
+    ).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # at the sampler reference (r = 0, one update per generation) each token's gradient is the plain (summed) NCA's
+    # divided by its completion's length; padding gets none
+    plain = object.__new__(OnlineNCATrainer)
+    plain.nca_beta = beta
+    logps = (per_token * mask).sum(1)  # a fresh graph for each gradient
+    (grad_mean,) = torch.autograd.grad(trainer._group_loss(logps, logps.detach(), inputs, k), per_token)
+    logps = (per_token * mask).sum(1)
+    (grad_sum,) = torch.autograd.grad(plain._group_loss(logps, logps.detach(), inputs, k), per_token)
+    assert grad_mean[4, 1:].abs().max() == 0
+    assert torch.allclose(grad_mean, grad_sum / lengths[:, None], rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(grad_mean, grad_sum, rtol=1e-2)
