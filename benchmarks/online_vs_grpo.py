@@ -262,6 +262,7 @@ def plot(groups, path):
     tasks = sorted({t for t, _ in groups})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for axis, task_name in zip(axes[0], tasks):
+        axis.set_prop_cycle(color=plt.cm.tab20.colors)  # the knob study draws up to 11 lines a panel
         for (t, method), runs in sorted(groups.items()):
             if t != task_name:
                 continue
