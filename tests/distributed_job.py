@@ -14,6 +14,7 @@ a LoRA adapter that starts away from it; the main process writes the loss and gr
 """
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +35,7 @@ def probe() -> None:
     state = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[]).distributed_state
     if state.is_main_process:
         print(json.dumps({"distributed_type": str(state.distributed_type).split(".")[-1]}))
+    finish(state)
 
 
 def precompute(out: str, rows_file: str) -> None:
@@ -53,7 +55,7 @@ def precompute(out: str, rows_file: str) -> None:
     record["processes"] = trainer.accelerator.num_processes
     if trainer.accelerator.is_main_process:
         Path(out).write_text(json.dumps(record))
-    trainer.accelerator.wait_for_everyone()
+    finish(trainer.accelerator)
 
 
 def online(out: str, per_device: str) -> None:
@@ -89,6 +91,18 @@ def online(out: str, per_device: str) -> None:
         }
     if trainer.accelerator.is_main_process:
         Path(out).write_text(json.dumps(record))
+    finish(trainer.accelerator)
+
+
+def finish(accelerator) -> None:
+    """Leave together, and without destructors when there are several processes: with gloo on CPU a process that
+    exits first can abort in the process group's teardown ("terminate called without an active exception", seen in
+    CI under load), as `trl-nca` itself avoids in `cli.py`."""
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
