@@ -4,7 +4,7 @@ Every run starts from SmolLM2-135M-Instruct with a fresh LoRA adapter (r=16, all
 sees the task's training questions in the same order, K completions per question, with the same learning rate, and
 generates the same number of completions in all. Methods (each with its class's defaults unless a knob is given):
 
-  nca          OnlineNCATrainer (OnlineNCAConfig's defaults: sampler reference, beta 0.1, reward temperature 0.1)
+  nca          OnlineNCATrainer (OnlineNCAConfig's defaults: sampler reference, beta 0.1, reward temperature 1.0)
   infonca      OnlineInfoNCATrainer (the same defaults)
   grpo         TRL's GRPOTrainer with GRPOConfig's defaults (loss "dapo", rewards scaled per group, no KL)
   offline-nca  K completions per question sampled once from the start, then NCATrainer on them (the demo's offline
@@ -47,6 +47,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from online_tasks import score_answers, task  # noqa: E402
 
 METHODS = ("nca", "grpo", "offline-nca", "infonca")
+# the settings that name a method's objective; each record keeps their values
+RESOLVED = ("reward_temperature", "beta", "reference", "loss_type", "scale_rewards", "num_iterations", "epsilon",
+            "num_generations")  # fmt: skip
+
+
+def split_methods(text: str) -> list[str]:
+    """`"nca,nca[reward_temperature=0.1,k=4],grpo"` -> the three specs: commas inside brackets separate knobs."""
+    return [spec for spec in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", text) if spec.strip()]
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -160,6 +168,10 @@ def run(method_spec: str, task_name: str, seed: int, args, base, tokenizer, star
         "completions": curve.points[-1]["completions"],
         "train_seconds": curve.points[-1]["seconds"],
         "sample_reward_first_last": [rewards[0], rewards[-1]] if rewards else None,
+        # what the method's name resolved to, so that a record still says what ran after a default changes
+        "config": {
+            key: json.loads(json.dumps(getattr(config, key), default=str)) for key in RESOLVED if hasattr(config, key)
+        },
     }
 
 
@@ -262,13 +274,17 @@ def plot(groups, path):
     tasks = sorted({t for t, _ in groups})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for axis, task_name in zip(axes[0], tasks):
-        axis.set_prop_cycle(color=plt.cm.tab20.colors)  # the knob study draws up to 11 lines a panel
-        for (t, method), runs in sorted(groups.items()):
-            if t != task_name:
-                continue
+        panel = [(method, runs) for (t, method), runs in sorted(groups.items()) if t == task_name]
+        panel.sort(key=lambda item: item[0].startswith("infonca"))  # drawn last, dashed, over NCA's identical line
+        # the knob study draws up to 11 lines a panel: tab20 then, tab10's stronger colours otherwise
+        axis.set_prop_cycle(color=(plt.cm.tab10 if len(panel) <= 10 else plt.cm.tab20).colors)
+        for method, runs in panel:
             curve = mean_curve(runs)
             x = [c for c, *_ in curve]
-            line = axis.plot(x, [m for _, m, *_ in curve], marker="o", label=f"{method} ({len(runs)} seeds)")[0]
+            # InfoNCA dashed: with the sampler reference it takes NCA's steps, and lines on top of each other
+            style = "--" if method.startswith("infonca") else "-"
+            line = axis.plot(x, [m for _, m, *_ in curve], marker="o", linestyle=style,
+                             label=f"{method} ({len(runs)} seeds)")[0]  # fmt: skip
             axis.fill_between(x, [lo for *_, lo, _, _ in curve], [hi for *_, hi, _ in curve], alpha=0.12,
                               color=line.get_color())  # fmt: skip
         axis.set_title(task_name)
@@ -309,7 +325,7 @@ def main(argv=None):
 
     if args.summarize:  # several record files may be summarized together (the study and its knobs)
         records = [json.loads(line) for p in args.records.split(",") for line in Path(p).read_text().splitlines()]
-        tasks, methods = args.tasks.split(","), args.methods.split(",")
+        tasks, methods = args.tasks.split(","), split_methods(args.methods)
         records = [r for r in records if r["task"] in tasks and r["method"] in methods]
         print(summarize(records, args.plot))
         return
@@ -319,7 +335,7 @@ def main(argv=None):
 
     base, tokenizer = load_model(args.model_dir)
     done = {(r["task"], r["seed"], r["method"]) for r in records}
-    methods = args.methods.split(",")
+    methods = split_methods(args.methods)
     # seeds outermost, so that an interrupted study has every method on the first seeds
     for seed in [int(s) for s in args.seeds.split(",")]:
         for task_name in args.tasks.split(","):

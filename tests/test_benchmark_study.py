@@ -1,5 +1,6 @@
 """The pieces of `benchmarks/online_vs_grpo.py` that decide its numbers: the second task's reward, the two answer
-checks, the knob parser, the curves over seeds (and "completions to reach GRPO's end"), and the per-token knob."""
+checks, the knob parser and method lists, the curves over seeds (and "completions to reach GRPO's end"), and the
+per-token knob."""
 
 import sys
 from pathlib import Path
@@ -10,7 +11,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
 from online_tasks import make_partial_problems, partial_reward, score_answers, task  # noqa: E402
-from online_vs_grpo import completions_to_reach, length_normalized, mean_curve, parse_method  # noqa: E402
+from online_vs_grpo import (  # noqa: E402
+    completions_to_reach,
+    length_normalized,
+    mean_curve,
+    parse_method,
+    split_methods,
+)
 
 from trl_nca import OnlineNCATrainer  # noqa: E402
 from trl_nca.losses import nca_loss  # noqa: E402
@@ -54,6 +61,12 @@ def test_parse_method_reads_knobs_and_refuses_unknown_methods():
     )
     with pytest.raises(ValueError, match=r"unknown method 'ppo\[k=4\]'"):
         parse_method("ppo[k=4]")
+
+
+def test_a_method_list_splits_between_methods_not_between_knobs():
+    specs = split_methods("nca,nca[reward_temperature=0.1,k=4],offline-nca,grpo[num_iterations=2]")
+    assert specs == ["nca", "nca[reward_temperature=0.1,k=4]", "offline-nca", "grpo[num_iterations=2]"]
+    assert parse_method(specs[1]) == ("nca", {"reward_temperature": 0.1, "k": 4})
 
 
 def _record(points):
