@@ -23,10 +23,12 @@ answer), in all and per kind.
 Each finished run appends one JSON line to `--records` (runs already there are skipped, so the script resumes);
 `--summarize` prints the table (mean and spread over seeds) and draws the plot from the records.
 
-    python benchmarks/online_vs_grpo.py --records benchmarks/results/online_vs_grpo.jsonl     # hours on CPU
-    python benchmarks/online_vs_grpo.py --records benchmarks/results/online_vs_grpo_knobs.jsonl --tasks partial \
-        --methods "nca[reward_temperature=0.3],nca[reference=initial],nca[logratio=mean],nca[k=4],..."
-    python benchmarks/online_vs_grpo.py --records R.jsonl,KNOBS.jsonl --summarize --plot docs/online_vs_grpo.png
+    python benchmarks/online_vs_grpo.py --records R.jsonl                                   # hours on CPU
+    python benchmarks/online_vs_grpo.py --records KNOBS.jsonl --tasks partial \
+        --methods "nca[reward_temperature=0.3],nca[reward_temperature=0.1,k=4],..."
+    python benchmarks/online_vs_grpo.py --records R.jsonl,KNOBS.jsonl --summarize --plot PLOT.png
+
+The commands behind each recorded table: docs/benchmarks.md#online-nca-against-grpo-benchmarksonline_vs_grpopy.
 """
 
 from __future__ import annotations
@@ -279,14 +281,11 @@ def plot(groups, path):
         # the knob study draws up to 11 lines a panel: tab20 then, tab10's stronger colours otherwise
         axis.set_prop_cycle(color=(plt.cm.tab10 if len(panel) <= 10 else plt.cm.tab20).colors)
         for method, runs in panel:
-            curve = mean_curve(runs)
-            x = [c for c, *_ in curve]
+            x, means, lows, highs, _ = zip(*mean_curve(runs))
             # InfoNCA dashed: with the sampler reference it takes NCA's steps, and lines on top of each other
             style = "--" if method.startswith("infonca") else "-"
-            line = axis.plot(x, [m for _, m, *_ in curve], marker="o", linestyle=style,
-                             label=f"{method} ({len(runs)} seeds)")[0]  # fmt: skip
-            axis.fill_between(x, [lo for *_, lo, _, _ in curve], [hi for *_, hi, _ in curve], alpha=0.12,
-                              color=line.get_color())  # fmt: skip
+            line = axis.plot(x, means, marker="o", linestyle=style, label=f"{method} ({len(runs)} seeds)")[0]
+            axis.fill_between(x, lows, highs, alpha=0.12, color=line.get_color())
         axis.set_title(task_name)
         axis.set_xlabel("completions generated")
         axis.set_ylabel("held-out greedy accuracy (strict)")
