@@ -21,34 +21,40 @@ from __future__ import annotations
 
 import torch
 from accelerate.utils import is_peft_model
+from transformers.utils import logging
 from trl import GRPOTrainer
 
+from .forward import response_token_logps
+from .layout_check import layout_mismatch
 from .layouts import (
     DataCollatorForAnyLayout,
     ModelShape,
     cache_blocker,
     choose_layout,
-    layout_of,
     make_collator,
-    model_inputs,
-    response_owner,
     sharded_parameters,
     shared_blocker,
 )
 from .scoring import add_response_head
+
+logger = logging.get_logger(__name__)
 
 
 def group_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int):
     """`(examples, members)`: GRPO's rows grouped by prompt. `examples` are K-response rows for the layouts' collators
     (`prompt_ids`, `completion_ids`: the real tokens, at least one, since a completion that GRPO masks whole keeps one
     token here, whose value is masked out downstream; placeholder `rewards`), `members[i]` the batch rows of example
-    i in response order."""
+    i in response order. None when a row has no prompt token: its first completion token has no context of its own,
+    and GRPO's forward scores it from a padding position, which no layout reproduces (that batch goes to GRPO's
+    forward)."""
     prompt_length = input_ids.size(1) - logits_to_keep
     ids, mask = input_ids.tolist(), attention_mask.bool().tolist()
     groups: dict[tuple[int, ...], int] = {}
     examples, members = [], []
     for b, (row, real) in enumerate(zip(ids, mask)):
         prompt = tuple(t for t, keep in zip(row[:prompt_length], real[:prompt_length]) if keep)
+        if not prompt:
+            return None
         length = max(sum(real[prompt_length:]), 1)
         completion = row[prompt_length : prompt_length + length]
         if prompt not in groups:
@@ -91,6 +97,9 @@ class PromptSharingMixin:
             cache_blocker=cache_blocker(unwrapped, self.args, sharded=sharded_parameters(self)),
             shared_blocker=shared_blocker(unwrapped),
         )
+        if prompt_sharing == "auto" and choice.reasons:
+            said = "; ".join(f"'{name}' is out: {reason}" for name, reason in choice.reasons.items())
+            logger.warning(f"Layouts for prompt_sharing='auto': {', '.join(choice.allowed)} ({said}).")
         pad = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else None
         pad = pad if pad is not None else self._tokenizer.pad_token_id
         shape = ModelShape.of(unwrapped, self.accelerator.device.type)
@@ -106,46 +115,72 @@ class PromptSharingMixin:
         for model in (self.model, getattr(self, "ref_model", None)):
             if model is not None:
                 model = self.accelerator.unwrap_model(model)
-                add_response_head(model.get_base_model() if is_peft_model(model) else model, self.temperature)
+                add_response_head(
+                    model.get_base_model() if is_peft_model(model) else model,
+                    self.temperature,
+                    cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
+                )
+        self._group_checked = False
 
     # Replaces GRPOTrainer._get_per_token_logps_and_entropies (TRL 1.16.0) for text batches
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
         compute_aux_loss=False, **multimodal,
     ):  # fmt: skip
-        if self._group_collator is None or compute_aux_loss or any(v is not None for v in multimodal.values()):
-            return super()._get_per_token_logps_and_entropies(
+        def grpo():
+            return super(PromptSharingMixin, self)._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal,
             )  # fmt: skip
+
+        if self._group_collator is None or compute_aux_loss or any(v is not None for v in multimodal.values()):
+            return grpo()
         batch_size = batch_size or input_ids.size(0)
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             chunk = slice(start, start + batch_size)
-            chunk_logps, chunk_entropy = self._grouped_forward(
-                model, input_ids[chunk], attention_mask[chunk], logits_to_keep
-            )
-            logps.append(chunk_logps)
-            entropies.append(chunk_entropy)
-        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+            with self.accelerator.autocast():
+                grouped = grouped_per_token(
+                    model, self._group_collator, input_ids[chunk], attention_mask[chunk], logits_to_keep,
+                    entropy_grad=compute_entropy and torch.is_grad_enabled(),
+                )  # fmt: skip
+            if grouped is None:  # a row without prompt tokens
+                return grpo()
+            logps.append(grouped[0])
+            entropies.append(grouped[1])
+        logps, entropies = torch.cat(logps), torch.cat(entropies)
+        if not self._group_checked:  # the layout check, once: GRPO's own forward on the same rows
+            self._group_checked = True
+            expected = grpo()
+            low_precision = self.args.bf16 or self.args.fp16 or logps.dtype != torch.float32
+            completions = attention_mask[:, -logits_to_keep:]
+            mismatch = layout_mismatch(logps, expected[0], completions, low_precision=low_precision)
+            if mismatch:
+                logger.warning(
+                    f"prompt_sharing={self.prompt_sharing!r}: the grouped forward differs from GRPO's on the first "
+                    f"batch ({mismatch}); this model is trained with GRPO's forward for the rest of the run."
+                )
+                self._group_collator = None
+                return expected
+        return logps, (entropies if compute_entropy else None), None
 
-    def _grouped_forward(self, model, input_ids, attention_mask, logits_to_keep):
-        examples, members = group_rows(input_ids, attention_mask, logits_to_keep)
-        batch = self._group_collator(examples)
-        batch = {k: v.to(input_ids.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        kwargs = model_inputs(batch, self.accelerator.unwrap_model(model).config._attn_implementation, torch.float32)
-        with self.accelerator.autocast():
-            if layout_of(batch) == "cache":
-                outputs = model(**kwargs, response_head=True)
-                owner = response_owner(batch)
-            else:
-                labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-                outputs = model(**kwargs, labels=labels, response_head=True)
-                owners = batch["response_ids"][:, 1:]  # the response each next-token label belongs to
-                owner = owners[outputs.labelled[:, -owners.size(1) :]]
-        order = [b for group in members for b in group]
-        shape = (input_ids.size(0), logits_to_keep)
-        return per_token(outputs.log_probs, owner, order, shape), per_token(outputs.entropy, owner, order, shape)
+
+def grouped_per_token(model, collator, input_ids, attention_mask, logits_to_keep, *, entropy_grad=False):
+    """GRPO's per-token log-probabilities and entropies `(rows, logits_to_keep)` of a batch of GRPO rows
+    (`[left-padded prompt | right-padded completion]`), with each prompt encoded once per group in the layout
+    `collator` builds; None when a row has no prompt token (`group_rows`). `model` carries `add_response_head`."""
+    grouped = group_rows(input_ids, attention_mask, logits_to_keep)
+    if grouped is None:
+        return None
+    examples, members = grouped
+    batch = collator(examples)
+    batch = {k: v.to(input_ids.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    outputs, owner = response_token_logps(
+        model, batch, head="response", mask_dtype=torch.float32, entropy_grad=entropy_grad
+    )
+    order = [b for group in members for b in group]
+    shape = (input_ids.size(0), logits_to_keep)
+    return per_token(outputs.log_probs, owner, order, shape), per_token(outputs.entropy, owner, order, shape)
 
 
 class PromptSharingGRPOTrainer(PromptSharingMixin, GRPOTrainer):

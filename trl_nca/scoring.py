@@ -14,6 +14,7 @@ PEFT wrappers see one forward.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -26,15 +27,36 @@ from transformers.utils import ModelOutput, logging
 
 logger = logging.get_logger(__name__)
 
-# Config attributes by which some architectures scale or cap their logits; our head does not reproduce them, so a
-# model that has one keeps TRL's fused head
-_LOGIT_TRANSFORMS = (
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-    "final_logit_softcapping",
-)
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """How a model turns its head's output into logits: `scale` multiplies them (Cohere's `logit_scale`, Granite's
+    1 / `logits_scaling`, Falcon-H1's `lm_head_multiplier`), then `softcap` caps them as `softcap * tanh(x / softcap)`
+    (Gemma 2 and 3's `final_logit_softcapping`). Read from the config as TRL's fused head reads it
+    (`trl.trainer.utils.add_fused_lm_head`), so both heads score the same logits; a model that transforms its logits
+    some other way is caught by the layout check (`trl_nca.layout_check`)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, config) -> LogitTransform:
+        config = config.get_text_config()
+        scale = getattr(config, "logit_scale", None)
+        for name in ("output_multiplier", "lm_head_multiplier"):
+            scale = getattr(config, name, None) if scale is None else scale
+        if scale is None and getattr(config, "logits_scaling", None) is not None:
+            # Granite and MiniCPM3 divide by `logits_scaling`; HyperCLOVA X multiplies by it
+            scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
+        return cls(1.0 if scale is None else float(scale), getattr(config, "final_logit_softcapping", None) or None)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
 
 # Rows of the (tokens x vocab) logits built at a time
 CHUNK_TOKENS = 1024
@@ -59,46 +81,68 @@ class ResponseHeadOutput(ModelOutput):
 def head_choice(model, device: torch.device) -> tuple[str, str]:
     """`("response", why)` for this module's head, or `("fused", why)` for TRL's: TRL's scores only labelled
     positions on Triton devices (CUDA) and recomputes its logits in backward, so it is kept there for its memory (ours
-    keeps up to KEEP_BYTES of log-softmax; docs/layouts.md has the H200 numbers); ours everywhere else, unless the
-    model scales or caps its logits in a way ours does not reproduce."""
-    config = model.config.get_text_config()
-    transform = next((name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)), None)
-    if transform is not None:
-        return "fused", f"the model's `{transform}` changes its logits"
+    keeps up to KEEP_BYTES of log-softmax; docs/layouts.md has the H200 numbers); ours everywhere else, unless
+    the layout check finds that ours does not give the model's own log-probabilities (`trl_nca.layout_check`)."""
     if device.type == "cuda":
         return "fused", "on CUDA, TRL's fused head scores only labelled positions and recomputes logits in backward"
     return "response", f"on {device.type}, TRL's fused head would score every position"
 
 
-def _log_probs_of_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor, temperature=1.0):
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+def _project(lm_head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The head's output for `hidden`, through the module itself where it can be called: DeepSpeed ZeRO-3 gathers a
+    partitioned weight in the module's hooks (also when a chunk is recomputed in the backward pass), a LoRA adapter on
+    the head applies, and GRPO's `cast_lm_head_to_fp32` forward runs. FSDP2 keeps the weight a DTensor while the
+    hidden states are a plain tensor: that one is gathered by hand."""
+    weight, bias = lm_head.weight, lm_head.bias
+    if hasattr(weight, "full_tensor"):
+        return torch.nn.functional.linear(hidden, weight.full_tensor(), None if bias is None else bias.full_tensor())
+    return lm_head(hidden)
+
+
+def _log_probs_of_chunk(hidden, lm_head, labels, temperature, transform, fp32, entropy_grad):
+    # GRPO's cast_lm_head_to_fp32: the head in float32 outside autocast (its own forward casts the weight)
+    cast = torch.autocast(hidden.device.type, enabled=False) if fp32 else contextlib.nullcontext()
+    with cast:
+        logits = transform(_project(lm_head, hidden.float() if fp32 else hidden)).float()
     if temperature != 1.0:  # GRPO scores completions at its sampling temperature
         logits = logits / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
-    with torch.no_grad():
+    # The entropy carries a gradient only when a loss uses it (GRPO's entropy_coef): it keeps (N x vocab) alive
+    with contextlib.nullcontext() if entropy_grad else torch.no_grad():
         entropy = -(log_probs.exp() * log_probs).sum(-1)
+    with torch.no_grad():
         is_top1 = log_probs.argmax(-1) == labels
     return log_probs.gather(-1, labels[:, None]).squeeze(-1), entropy, is_top1
 
 
-def response_log_probs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, temperature=1.0):
-    """`(log_probs, entropy, is_top1)` of `labels` `(N,)` under the head applied to `hidden` `(N, H)` (logits divided
-    by `temperature`), float32, `CHUNK_TOKENS` rows of logits at a time; chunks past `KEEP_BYTES` of kept log-softmax
-    are recomputed in the backward pass."""
-    weight, bias = lm_head.weight, lm_head.bias
-    if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as a DTensor; the hidden states are a plain tensor
-        weight = weight.full_tensor()
-        bias = None if bias is None else bias.full_tensor()
-    hidden = hidden.to(weight.device)
-    labels = labels.to(weight.device)
+def response_log_probs(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    labels: torch.Tensor,
+    temperature=1.0,
+    *,
+    transform: LogitTransform = LogitTransform(),
+    fp32: bool = False,
+    entropy_grad: bool = False,
+):
+    """`(log_probs, entropy, is_top1)` of `labels` `(N,)` under the head applied to `hidden` `(N, H)`: the model's
+    logit `transform`, then division by `temperature`; float32, `CHUNK_TOKENS` rows of logits at a time; chunks past
+    `KEEP_BYTES` of kept log-softmax are recomputed in the backward pass. `fp32` runs the head in float32 outside
+    autocast (GRPO's `cast_lm_head_to_fp32`); `entropy_grad` keeps the entropy's gradient."""
+    device = lm_head.weight.device
+    hidden, labels = hidden.to(device), labels.to(device)
+    vocab = lm_head.out_features if hasattr(lm_head, "out_features") else lm_head.weight.size(0)
     pieces, kept = [], 0
     for start in range(0, hidden.size(0), CHUNK_TOKENS):
-        chunk = (hidden[start : start + CHUNK_TOKENS], weight, bias, labels[start : start + CHUNK_TOKENS], temperature)
-        kept += chunk[0].size(0) * weight.size(0) * 4
+        chunk = (hidden[start : start + CHUNK_TOKENS], lm_head, labels[start : start + CHUNK_TOKENS])
+        settings = (temperature, transform, fp32, entropy_grad)
+        kept += chunk[0].size(0) * vocab * 4
         if kept > KEEP_BYTES and torch.is_grad_enabled():
-            pieces.append(torch.utils.checkpoint.checkpoint(_log_probs_of_chunk, *chunk, use_reentrant=False))
+            pieces.append(
+                torch.utils.checkpoint.checkpoint(_log_probs_of_chunk, *chunk, *settings, use_reentrant=False)
+            )
         else:
-            pieces.append(_log_probs_of_chunk(*chunk))
+            pieces.append(_log_probs_of_chunk(*chunk, *settings))
     if not pieces:
         empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0  # keeps the graph connected
         return empty, empty.detach(), torch.zeros(0, dtype=torch.bool, device=hidden.device)
@@ -227,16 +271,19 @@ def _prompt_cache_hidden(
     return torch.cat(hidden), torch.cat(labels)
 
 
-def add_response_head(model, temperature: float = 1.0) -> None:
+def add_response_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False) -> None:
     """Patch `model` (a causal LM, before PEFT wraps it or its base model after) so that `response_head=True` runs
     the backbone and scores only the labelled positions: `labels` (as for a causal LM, shifted inside) for the padded
     and shared-prompt layouts, or the prompt-cache layout's `prompt_input_ids`, `prompt_lengths`,
     `response_input_ids`, `response_lengths`, `response_rows`, `response_calls`. Without `response_head` the forward
-    is unchanged. `temperature` divides the logits (GRPO's sampling temperature; 1 for the offline trainers)."""
+    is unchanged. The logits are the model's own (`LogitTransform`), divided by `temperature` (GRPO's sampling
+    temperature; 1 for the offline trainers); `cast_lm_head_to_fp32` runs the head in float32 (GRPO's setting).
+    `entropy_grad=True` in a call keeps the entropy's gradient (GRPO's entropy regularisation)."""
     original_forward = model.forward
+    head = dict(temperature=temperature, transform=LogitTransform.of(model.config), fp32=cast_lm_head_to_fp32)
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, response_head=False, labels=None, **kwargs):
+    def forward(self, *args, response_head=False, labels=None, entropy_grad=False, **kwargs):
         if not response_head:
             return (
                 original_forward(*args, labels=labels, **kwargs)
@@ -257,7 +304,8 @@ def add_response_head(model, temperature: float = 1.0) -> None:
                     kwargs["response_calls"],
                     kwargs.get("prompt_images"),
                 )
-            log_probs, entropy, is_top1 = response_log_probs(hidden, lm_head, targets, temperature)
+            scored = response_log_probs(hidden, lm_head, targets, **head, entropy_grad=entropy_grad)
+            log_probs, entropy, is_top1 = scored
             return ResponseHeadOutput(log_probs=log_probs, entropy=entropy, is_top1=is_top1)
         kwargs["use_cache"] = False
         outputs = backbone(*args, **kwargs)
@@ -265,7 +313,9 @@ def add_response_head(model, temperature: float = 1.0) -> None:
         labelled = labels != -100
         # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones
         states = outputs.last_hidden_state[:, -labels.size(1) - 1 : -1]
-        log_probs, entropy, is_top1 = response_log_probs(states[labelled], lm_head, labels[labelled], temperature)
+        log_probs, entropy, is_top1 = response_log_probs(
+            states[labelled], lm_head, labels[labelled], **head, entropy_grad=entropy_grad
+        )
         aux_loss = None
         if kwargs.get("output_router_logits"):
             from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import os
 import textwrap
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
+from transformers import TrainerCallback
 from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer
 from trl.models import prepare_deepspeed
@@ -38,6 +40,8 @@ from trl.trainer.utils import get_config_model_id, global_then_local_main_first,
 from .config import NCAConfig
 from .data import convert_to_k_responses
 from .dropout import disable_dropout
+from .forward import response_token_logps, sum_by_response
+from .layout_check import check_layouts
 from .layouts import (
     LAYOUTS_OF_SETTING,
     DataCollatorForAnyLayout,
@@ -47,21 +51,14 @@ from .layouts import (
     choose_layout,
     has_images,
     images_blocker,
-    layout_of,
     make_collator,
-    model_inputs,
-    response_owner,
     sequences_per_response,
     sharded_parameters,
     shared_blocker,
 )
 from .losses import infonca_loss, nca_loss
 from .metrics import IfDefined, k_response_metrics, read_device_metrics, token_metric_sums
-from .scoring import (
-    ResponseHeadOutput,
-    add_response_head,
-    head_choice,
-)
+from .scoring import add_response_head, head_choice
 from .tokenization import prepare_k_response_dataset
 
 logger = logging.get_logger(__name__)
@@ -166,6 +163,7 @@ class _KResponseTrainer(DPOTrainer):
                 if model is not None:
                     disable_dropout(model)
         self._use_layout()
+        self.add_callback(_LayoutCheck(self))
 
     @staticmethod
     def _image_rows(train_dataset, eval_dataset, args, processing_class):
@@ -225,6 +223,7 @@ class _KResponseTrainer(DPOTrainer):
             for name in choice.allowed
         }
         chooser = DataCollatorForAnyLayout(collators, shape, self.args.max_length) if len(collators) > 1 else None
+        self._collators, self._layouts_checked = collators, False
         if self._images:
             self.data_collator = DataCollatorForImageRows(self.processing_class, collators, chooser)
         else:
@@ -237,6 +236,50 @@ class _KResponseTrainer(DPOTrainer):
             if model is not None:
                 model = self.accelerator.unwrap_model(model)
                 add_response_head(model.get_base_model() if is_peft_model(model) else model)
+
+    def _check_layouts(self) -> None:
+        """The layout check (`trl_nca.layout_check`), once, when training starts: every layout this run may use,
+        and the response-only head, against the model's own forward on the first training rows; a layout that
+        differs is left out for the rest of the run (the padded layout with TRL's head where ours differs). Every
+        rank checks the same rows, so that sharded engines run the same forwards on each."""
+        if self._layout == "user" or self._images or self._layouts_checked:
+            return
+        self._layouts_checked = True
+        if set(self._collators) == {"padded"} and self._head == "fused":
+            return  # the model's own forward with TRL's head: nothing of ours to check
+        collators = {"padded": make_collator("padded", pad_token_id=self._tokenizer.pad_token_id, max_length=None,
+                                             truncation_mode="keep_start", pad_to_multiple_of=None), **self._collators}
+        rows = list(itertools.islice(iter(self.train_dataset), self.args.per_device_train_batch_size))
+        rows = [{key: row[key] for key in ("prompt_ids", "completion_ids", "rewards")} for row in rows]
+        model = self.model_wrapped
+        training, low_precision = model.training, self.args.bf16 or self.args.fp16
+        model.eval()
+        try:
+            with self.accelerator.autocast():
+                kwargs = dict(mask_dtype=self._mask_dtype(), low_precision=low_precision)
+                wrong = check_layouts(model, rows, collators, head=self._head, **kwargs)
+                if "padded" in wrong and self._head == "response":
+                    logger.warning(f"Layout check: the response-only LM head differs from the model's own forward "
+                                   f"({wrong['padded']}); TRL's fused head is used for the rest of the run.")
+                    wrong = {"cache": "it runs the response-only head, which differs from the model's own forward"}
+                    self._head = "fused"
+                    rest = {name: c for name, c in collators.items() if name not in wrong}
+                    wrong |= check_layouts(model, rows, rest, head=self._head, **kwargs)
+        finally:
+            model.train(training)
+        wrong = {name: why for name, why in wrong.items() if name in self._collators}
+        if not wrong:
+            return
+        kept = [name for name in self._collators if name not in wrong]
+        said = "; ".join(f"'{name}': {why}" for name, why in wrong.items())
+        if not kept:
+            raise ValueError(
+                f"Layout check: prompt_sharing={self.args.prompt_sharing!r} gives other log-probabilities than the "
+                f"model's own forward on the first training rows ({said}). Use prompt_sharing='off'."
+            )
+        logger.warning(f"Layout check: {said}. Left out for the rest of the run; training with {', '.join(kept)}.")
+        for name in wrong:
+            del self._collators[name]  # the same dict the batch collator chooses from
 
     # Replaces DPOTrainer._prepare_dataset (TRL 1.16.0): any accepted layout -> prompt_ids + K completion_ids
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -278,42 +321,13 @@ class _KResponseTrainer(DPOTrainer):
         and the head's per-token outputs (`ResponseHeadOutput`, flat over the scored tokens) with each scored token's
         response. Tokens are summed by response, whatever the layout. `aux_loss` asks an MoE model for its router
         loss (the policy's forward in `compute_loss`, never a reference forward)."""
-        kwargs = self._model_inputs(model, inputs)
-        if self.aux_loss_enabled:
-            kwargs["output_router_logits"] = aux_loss
-        if layout_of(inputs) == "cache":
-            outputs = model(**kwargs, response_head=True)
-            owner = response_owner(inputs)
-        else:
-            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-            owners = inputs["response_ids"][:, 1:]  # the response each next-token label belongs to
-            if self._head == "response":
-                outputs = model(**kwargs, labels=labels, response_head=True)
-                # prompt tuning prepends virtual positions (never labelled) to `labelled`: keep the real ones
-                owner = owners[outputs.labelled[:, -owners.size(1) :]]
-            else:
-                fused = model(**kwargs, labels=labels, use_cache=False, fused_lm_head=True)
-                scored = owners >= 0
+        extra = {"output_router_logits": aux_loss} if self.aux_loss_enabled else {}
+        outputs, owner = response_token_logps(model, inputs, head=self._head, mask_dtype=self._mask_dtype(), **extra)
+        return sum_by_response(outputs.log_probs, owner, int(inputs["response_mask"].sum())), outputs, owner
 
-                def flat(values):  # prompt-learning PEFT prepends virtual tokens: keep the real positions
-                    # None: a reference model's fused head computes log-probabilities only (DPOTrainer)
-                    return None if values is None else values[:, -owners.size(1) :][scored]
-
-                outputs = ResponseHeadOutput(
-                    log_probs=flat(fused.log_probs),
-                    entropy=flat(fused.entropy),
-                    is_top1=flat(fused.is_top1),
-                    aux_loss=fused.aux_loss,
-                )
-                owner = owners[scored]
-        num_responses = int(inputs["response_mask"].sum())
-        logps = outputs.log_probs.new_zeros(num_responses).index_add(0, owner, outputs.log_probs)
-        return logps, outputs, owner
-
-    def _model_inputs(self, model, inputs: dict) -> dict:
+    def _mask_dtype(self) -> torch.dtype:
         # An additive (eager) mask follows the compute dtype: autocast's under bf16/fp16, else float32
-        mask_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
-        return model_inputs(inputs, self.accelerator.unwrap_model(model).config._attn_implementation, mask_dtype)
+        return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
 
     @staticmethod
     def _per_response(flat: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -463,6 +477,17 @@ class _KResponseTrainer(DPOTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         read_device_metrics(self._metrics["train" if self.model.training else "eval"])
         super().log(logs, start_time)
+
+
+class _LayoutCheck(TrainerCallback):
+    """Runs the trainer's layout check when training starts: the model is wrapped (DDP, DeepSpeed) and no batch has
+    been collated yet."""
+
+    def __init__(self, trainer: _KResponseTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._check_layouts()
 
 
 class NCATrainer(_KResponseTrainer):
