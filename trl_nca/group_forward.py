@@ -32,6 +32,7 @@ from .layouts import (
     cache_blocker,
     choose_layout,
     make_collator,
+    mask_blocker,
     sharded_parameters,
     shared_blocker,
 )
@@ -96,6 +97,7 @@ class PromptSharingMixin:
             router_loss=False,  # batches with the router loss go to GRPO's forward
             cache_blocker=cache_blocker(unwrapped, self.args, sharded=sharded_parameters(self)),
             shared_blocker=shared_blocker(unwrapped),
+            mask_blocker=mask_blocker(unwrapped),
         )
         if prompt_sharing == "auto" and choice.reasons:
             said = "; ".join(f"'{name}' is out: {reason}" for name, reason in choice.reasons.items())

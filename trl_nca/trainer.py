@@ -52,6 +52,7 @@ from .layouts import (
     has_images,
     images_blocker,
     make_collator,
+    mask_blocker,
     sequences_per_response,
     sharded_parameters,
     shared_blocker,
@@ -204,6 +205,7 @@ class _KResponseTrainer(DPOTrainer):
             self.aux_loss_enabled,
             cache_blocker=cache_blocker(unwrapped, self.args, sharded=sharded_parameters(self)),
             shared_blocker=shared_blocker(unwrapped),
+            mask_blocker=mask_blocker(unwrapped),
             image_blockers=images_blocker(unwrapped) if self._images else None,
         )
         if self.args.prompt_sharing == "auto" and "padded" not in choice.reasons and choice.reasons:

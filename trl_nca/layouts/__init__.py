@@ -24,7 +24,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl.trainer.utils import pad
 
 from . import prompt_cache, shared_prompt
-from .blockers import cache_blocker, sharded_parameters, shared_blocker
+from .blockers import cache_blocker, mask_blocker, sharded_parameters, shared_blocker
 from .images import IMAGE_FIELDS, PER_TOKEN_FIELDS, DataCollatorForImageRows, has_images, images_blocker
 from .padded import DataCollatorForKResponses, per_response_values
 from .prompt_cache import (
@@ -82,12 +82,17 @@ class ModelShape:
     @classmethod
     def of(cls, model, device_type: str = "cpu") -> ModelShape:
         config = model.config.get_text_config()
-        embeddings = model.get_input_embeddings().weight.numel()
-        total = sum(p.numel() for p in model.parameters())
-        head = 0 if getattr(config, "tie_word_embeddings", False) else model.get_output_embeddings().weight.numel()
+        embeddings = _numel(model.get_input_embeddings().weight)
+        total = sum(_numel(p) for p in model.parameters())
+        head = 0 if getattr(config, "tie_word_embeddings", False) else _numel(model.get_output_embeddings().weight)
         attention = "blocks" if config._attn_implementation == "flex_attention" else "dense"
         body = max(total - embeddings - head, 1)
         return cls(config.hidden_size, config.num_hidden_layers, body, attention, call_overhead_tokens(device_type))
+
+
+def _numel(parameter) -> int:
+    """A parameter's size, also where DeepSpeed ZeRO-3 has partitioned it (its `numel()` is then 0 on every rank)."""
+    return getattr(parameter, "ds_numel", None) or parameter.numel()
 
 
 # Time per multiply-add of masked attention over that of the matmuls, measured on the 2-core CPU (docs/layouts.md)
@@ -144,6 +149,7 @@ def choose_layout(
     router_loss: bool = False,
     cache_blocker: str | None = None,
     shared_blocker: str | None = None,
+    mask_blocker: str | None = None,
     image_blockers: dict[str, str] | None = None,
 ) -> LayoutChoice:
     """The layouts a `prompt_sharing` setting allows on a model with `attn_implementation`.
@@ -170,6 +176,8 @@ def choose_layout(
                 f"attn_implementation={attn_implementation!r} cannot take its custom 4D mask (supported: "
                 f"{SUPPORTED_ATTENTION})"
             )
+        elif mask_blocker:
+            reasons["mask"] = mask_blocker
         if cache_blocker:
             reasons["cache"] = cache_blocker
     for name, reason in (image_blockers or {}).items():
@@ -318,6 +326,7 @@ __all__ = [
     "layout_cost",
     "layout_of",
     "make_collator",
+    "mask_blocker",
     "model_inputs",
     "per_response_values",
     "response_owner",
