@@ -2,17 +2,30 @@
 
     python tests/distributed_job.py probe                 # prints {"distributed_type": ...}
     python tests/distributed_job.py precompute OUT.json ROWS.jsonl
-    python tests/distributed_job.py online OUT.json PER_DEVICE_BATCH
+    python tests/distributed_job.py engines OUT_FOLDER PER_DEVICE_BATCH
+
+`probe`: the engine a trainer gets from this launch, without training.
 
 `precompute`: reference log-probabilities precomputed for the rows of ROWS.jsonl (the test writes 7 rows of ragged
 K: uneven over 2 processes x batch 2), with a reference that differs from the policy, for the rows in memory and
 read from the file; the main process writes them to OUT.json.
 
-`online`: one step of OnlineNCATrainer (groups of 4, split across processes when the per-device batch is 2) and of
-OnlineInfoNCATrainer (groups of 2), on fixed completions (a deterministic rollout), with the initial reference and
-a LoRA adapter that starts away from it; the main process writes the loss and gradient norm of each.
+`engines`: every trainer under the engine the launch sets up (DeepSpeed ZeRO-2 or ZeRO-3, DDP, or one process), in
+one process group. NCATrainer and InfoNCATrainer take 2 SGD steps on 8 rows of ragged K (PER_DEVICE_BATCH rows per
+process a step) in each layout, with a reference model that differs from the policy; then with precomputed reference
+log-probabilities, with LoRA, and with gradient checkpointing. OnlineNCATrainer (groups of 4, split across 2
+processes) and OnlineInfoNCATrainer (groups of 2) take one step on fixed completions (a deterministic rollout), with
+a LoRA adapter that starts away from its base, and OnlineNCATrainer also as a full model with a copied reference.
+The models carry Llama's attention dropout, which the trainers' `disable_dropout=True` default must switch off (in
+the reference too, which TRL hands over inside a DeepSpeed engine). The main process writes OUT_FOLDER/record.json
+(per case: the engine that ran, the losses and gradient norms of each step, whether dropout is left anywhere; or
+the error that refused the case) and OUT_FOLDER/CASE.pt (how far each trainable parameter moved, gathered whole).
+
+The engine is the one that actually ran: `trainer.accelerator.state.distributed_type`, with DeepSpeed's ZeRO stage.
+`TrainingArguments(use_cpu=True).distributed_state` says MULTI_CPU under a DeepSpeed launch.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -21,21 +34,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import torch  # noqa: E402
 from conftest import build_model, build_tokenizer  # noqa: E402
 from datasets import Dataset, load_dataset  # noqa: E402
-from helpers import nca_args  # noqa: E402
+from helpers import k_response_dataset, nca_args  # noqa: E402
 
-from trl_nca import NCATrainer  # noqa: E402
+from trl_nca import InfoNCATrainer, NCATrainer  # noqa: E402
+from trl_nca.dropout import has_active_dropout  # noqa: E402
+
+
+def engine(accelerator) -> str:
+    """The engine a trainer ran under: accelerate's distributed type, with DeepSpeed's ZeRO stage (`DEEPSPEED-3`)."""
+    state = accelerator.state
+    kind = str(state.distributed_type).split(".")[-1]
+    return f"{kind}-{state.deepspeed_plugin.zero_stage}" if kind == "DEEPSPEED" else kind
 
 
 def probe() -> None:
-    """How the trainers' arguments would distribute this launch (what `Trainer` reads), without training."""
-    from transformers import TrainingArguments
-
-    state = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[]).distributed_state
-    if state.is_main_process:
-        print(json.dumps({"distributed_type": str(state.distributed_type).split(".")[-1]}))
-    finish(state)
+    tokenizer = build_tokenizer()
+    trainer = NCATrainer(
+        model=build_model(tokenizer),
+        args=nca_args(Path(tempfile.mkdtemp())),
+        train_dataset=k_response_dataset(counts=(2, 2)),
+        processing_class=tokenizer,
+    )
+    if trainer.accelerator.is_main_process:
+        print(json.dumps({"distributed_type": engine(trainer.accelerator)}))
+    finish(trainer.accelerator)
 
 
 def precompute(out: str, rows_file: str) -> None:
@@ -58,39 +83,114 @@ def precompute(out: str, rows_file: str) -> None:
     finish(trainer.accelerator)
 
 
-def online(out: str, per_device: str) -> None:
-    from online_helpers import deterministic_rollout, length_reward, online_args, prompts_dataset
+def with_dropout(model):
+    """`model` with Llama's attention dropout at 0.1 (applied functionally while training, no `nn.Dropout`)."""
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    return model
+
+
+# (trainer, prompt_sharing, variant) of `engines`; "reference": a reference model that differs from the policy;
+# "precompute": reference log-probabilities precomputed from the initial policy; "lora": a LoRA adapter that starts
+# away from its base (the reference); "checkpointing": gradient checkpointing, with a reference model
+OFFLINE = [
+    *[(name, layout, "reference") for name in ("nca", "infonca") for layout in ("off", "mask", "cache", "auto")],
+    *[(name, "auto", variant) for variant in ("precompute", "lora", "checkpointing") for name in ("nca", "infonca")],
+]
+# (trainer, group size, variant)
+ONLINE = [("online_nca", 4, "lora"), ("online_infonca", 2, "lora"), ("online_nca", 4, "reference")]
+OFFLINE_STEPS, ONLINE_STEPS = 2, 1
+
+
+def lora():
     from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+
+
+def offline_trainer(name, layout, variant, per_device, tokenizer):
+    settings = dict(optim="sgd", learning_rate=0.1, max_steps=OFFLINE_STEPS, per_device_train_batch_size=per_device)
+    settings.update(prompt_sharing=layout)
+    policy, extra = with_dropout(build_model(tokenizer, seed=0)), {}
+    if variant in ("reference", "checkpointing"):
+        extra["ref_model"] = with_dropout(build_model(tokenizer, seed=1))
+    if variant == "checkpointing":
+        settings.update(gradient_checkpointing=True)
+    if variant == "lora":
+        extra["peft_config"] = lora()
+    if variant == "precompute":
+        settings.update(precompute_ref_log_probs=True, precompute_ref_batch_size=2)
+        # Without dropout: in one process the precompute runs inside DPOTrainer's constructor on the policy in
+        # training mode, before the trainers switch functional attention dropout off (tests/test_drop_in.py)
+        policy = build_model(tokenizer, seed=0)
+    cls = {"nca": NCATrainer, "infonca": InfoNCATrainer}[name]
+    return cls(
+        model=policy,
+        args=nca_args(Path(tempfile.mkdtemp()), **settings),
+        train_dataset=k_response_dataset(),
+        processing_class=tokenizer,
+        **extra,
+    )
+
+
+def online_trainer(name, group_size, variant, per_device, tokenizer):
+    from online_helpers import deterministic_rollout, length_reward, online_args, prompts_dataset
 
     from trl_nca import OnlineInfoNCATrainer, OnlineNCATrainer
 
-    tokenizer = build_tokenizer()
+    cls = {"online_nca": OnlineNCATrainer, "online_infonca": OnlineInfoNCATrainer}[name]
+    settings = dict(optim="sgd", learning_rate=0.1, max_steps=ONLINE_STEPS, per_device_train_batch_size=per_device)
+    return cls(
+        model=with_dropout(build_model(tokenizer)),
+        reward_funcs=length_reward,
+        args=online_args(Path(tempfile.mkdtemp()), reference="initial", num_generations=group_size, **settings),
+        train_dataset=prompts_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora() if variant == "lora" else None,
+        rollout_func=deterministic_rollout,
+    )
+
+
+def trainable(trainer) -> dict:
+    """Name -> value of every trainable parameter, whole on every process (gathered where ZeRO-3 partitions them)."""
+    named = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
+    gathered = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in named.values()):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(named.values()))
+    with gathered:
+        return {name: p.detach().double().clone() for name, p in named.items()}
+
+
+def engines(out: str, per_device: str) -> None:
+    folder, tokenizer = Path(out), build_tokenizer()
+    cases = [(f"{n}-{layout}-{variant}", offline_trainer, (n, layout, variant)) for n, layout, variant in OFFLINE]
+    cases += [(f"{n}-{variant}", online_trainer, (n, size, variant)) for n, size, variant in ONLINE]
     record = {}
-    for name, cls, group_size in [("nca", OnlineNCATrainer, 4), ("infonca", OnlineInfoNCATrainer, 2)]:
-        trainer = cls(
-            model=build_model(tokenizer),
-            reward_funcs=length_reward,
-            args=online_args(
-                Path(tempfile.mkdtemp()),
-                reference="initial",
-                num_generations=group_size,
-                per_device_train_batch_size=int(per_device),
-                max_steps=1,
-            ),
-            train_dataset=prompts_dataset(),
-            processing_class=tokenizer,
-            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
-            rollout_func=deterministic_rollout,
-        )
+    for case, build, spec in cases:
+        try:
+            trainer = build(*spec, int(per_device), tokenizer)
+        except ValueError as error:  # a layout this engine does not allow: the test says which, and why
+            record[case] = {"refused": str(error)}
+            continue
+        before = trainable(trainer)
         trainer.train()
-        log = [entry for entry in trainer.state.log_history if "loss" in entry][0]
-        record[name] = {
-            "loss": log["loss"],
-            "grad_norm": log["grad_norm"],
+        after = trainable(trainer)
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        models = [trainer.model, trainer.model_wrapped, trainer.ref_model]
+        record[case] = {
+            "engine": engine(trainer.accelerator),
             "processes": trainer.accelerator.num_processes,
+            "loss": [entry["loss"] for entry in logs],
+            "grad_norm": [entry["grad_norm"] for entry in logs],
+            "dropout": any(has_active_dropout(model) for model in models if model is not None),
         }
+        if trainer.accelerator.is_main_process:
+            torch.save({name: after[name] - before[name] for name in after}, folder / f"{case}.pt")
     if trainer.accelerator.is_main_process:
-        Path(out).write_text(json.dumps(record))
+        (folder / "record.json").write_text(json.dumps(record))
     finish(trainer.accelerator)
 
 
@@ -106,4 +206,4 @@ def finish(accelerator) -> None:
 
 
 if __name__ == "__main__":
-    {"probe": probe, "precompute": precompute, "online": online}[sys.argv[1]](*sys.argv[2:])
+    {"probe": probe, "precompute": precompute, "engines": engines}[sys.argv[1]](*sys.argv[2:])

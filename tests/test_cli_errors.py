@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_model, build_tokenizer
-from helpers import k_response_dataset
+from helpers import deepspeed_or_skip, k_response_dataset
 from online_helpers import prompts_dataset
 from transformers import LlamaConfig, LlamaForSequenceClassification, TrainerCallback
 
@@ -367,3 +367,27 @@ def test_a_run_without_a_training_step_fails_and_saves_nothing(extra, why, asset
         assert error == f"Training took no step: {why}; nothing was saved to {out}"
     assert "NCA training finished" not in capsys.readouterr().out
     assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+
+
+def test_deepspeeds_settings_mismatch_is_printed_whole_with_what_to_do_on_cpu(assets, tmp_path, capsys, monkeypatch):
+    """DeepSpeed's check of its config against the training arguments (here the bf16 that recipes/accelerate/zero*.yaml
+    set up, against a CPU run's --bf16 false) says what mismatches after its first line: the command prints it all,
+    and on CPU which flags fix it (recipes/README.md, DeepSpeed on CPU)."""
+    deepspeed_or_skip()
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    def launched_with_bf16(script_args, training_args, *rest, **kwargs):  # the check `Trainer.train` runs first
+        config = HfTrainerDeepSpeedConfig({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}})
+        config.trainer_config_process(training_args)
+        config.trainer_config_finalize(training_args, None, 2)
+
+    monkeypatch.setattr("trl_nca.scripts.train.main", launched_with_bf16)
+    assert cli.main(nca_argv(assets, tmp_path)) == 2
+    err = capsys.readouterr().err
+    lines = err[err.index("trl-nca: error: ") :].splitlines()
+    assert lines[:3] == [
+        "trl-nca: error: Please correct the following DeepSpeed config values that mismatch TrainingArguments values:",
+        "- ds bf16.enabled=True vs hf bf16|bf16_full_eval=False",
+        "The easiest method is to set these DeepSpeed config values to 'auto'.",
+    ]
+    assert "--mixed_precision no" in lines[3] and "--bf16 false" in lines[3] and "Traceback" not in err

@@ -1,18 +1,23 @@
-"""Several processes on CPU: DDP training, FSDP2 (or the exact reason it cannot run here), and the multi-process
+"""Several processes on CPU: DDP, DeepSpeed ZeRO-2 and ZeRO-3 (every trainer, layout and setting, and the ZeRO-3
+recipe as recipes/README.md documents it), FSDP2 (or the exact reason it cannot run here), and the multi-process
 reference precompute, each against one process with the same global batch."""
 
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import build_model, build_tokenizer
 from datasets import Dataset
-from helpers import k_response_dataset
+from distributed_job import OFFLINE_STEPS, ONLINE_STEPS
+from helpers import deepspeed_or_skip, k_response_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = [str(Path(sys.executable).with_name("accelerate")), "launch"]
@@ -28,6 +33,16 @@ DDP = [
     "--dynamo_backend",
     "no",
 ]
+
+
+# What a DeepSpeed launch config of recipes/accelerate needs on a CPU (recipes/README.md, "DeepSpeed on CPU"): the
+# number of processes, and no bf16 mixed precision
+ZERO_ON_CPU = ["--num_processes", "2", "--mixed_precision", "no"]
+
+
+def zero(stage: int) -> list[str]:
+    """`accelerate launch` with recipes/accelerate/zeroN.yaml as it is, and the CPU flags."""
+    return [*ACCELERATE, "--config_file", f"recipes/accelerate/zero{stage}.yaml", *ZERO_ON_CPU]
 
 
 def run(command, env=None, timeout=300):
@@ -124,15 +139,121 @@ def test_multi_process_precompute_equals_one_process(tmp_path):
         assert len({value for row in one[source] for value in row}) > 20  # real, distinct log-probabilities
 
 
-def test_online_two_processes_give_the_same_first_step_as_one(tmp_path):
-    """NCA with each group of 4 split over the 2 processes (labels from the gathered rewards), InfoNCA with one
-    group of 2 on each; fixed completions, so that both runs train on the same groups."""
-    job = ["tests/distributed_job.py", "online"]
-    run([*ACCELERATE, *DDP, *job, str(tmp_path / "two.json"), "2"])
-    run([sys.executable, *job, str(tmp_path / "one.json"), "4"])
-    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
-    for name, initial in [("nca", 2 * math.log(2)), ("infonca", math.log(2))]:
-        assert (two[name]["processes"], one[name]["processes"]) == (2, 1)
-        assert abs(one[name]["loss"] - initial) > 1e-3  # the adapter starts away from the reference
-        assert two[name]["loss"] == pytest.approx(one[name]["loss"], rel=1e-5), name
-        assert two[name]["grad_norm"] == pytest.approx(one[name]["grad_norm"], rel=1e-5), name
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The `engines` job of tests/distributed_job.py as one plain process, 4 rows a step."""
+    folder = tmp_path_factory.mktemp("one_process")
+    run([sys.executable, "tests/distributed_job.py", "engines", str(folder), "4"])
+    return folder, json.loads((folder / "record.json").read_text())
+
+
+def test_the_engine_cases_are_not_trivial(one_process):
+    """What the engine comparisons below rest on, in one process: a reference that differs from the policy and a
+    LoRA adapter that starts away from its base move the first loss away from its value at initialisation (that of
+    the precompute cases, where the reference is the initial policy; online: NCA's 2 log 2 and InfoNCA's log 2 for
+    groups of 2); every case moves every trainable parameter."""
+    folder, one = one_process
+    first = {case: record["loss"][0] for case, record in one.items()}
+    for name in ["nca", "infonca"]:
+        for variant in ["reference", "lora"]:
+            assert abs(first[f"{name}-auto-{variant}"] - first[f"{name}-auto-precompute"]) > 1e-3, (name, variant)
+    assert first["online_nca-reference"] == pytest.approx(2 * math.log(2), abs=1e-6)
+    for name, initial in [("online_nca", 2 * math.log(2)), ("online_infonca", math.log(2))]:
+        assert abs(first[f"{name}-lora"] - initial) > 1e-3, name
+    for case, record in one.items():
+        assert (record["engine"], record["processes"], record["dropout"]) == ("NO", 1, False), case
+        moved = torch.load(folder / f"{case}.pt")
+        assert moved and all(delta.norm() > 0 for delta in moved.values()), case
+
+
+ENGINES = {
+    "DDP": ([*ACCELERATE, *DDP], "MULTI_CPU"),
+    "ZeRO-2": (zero(2), "DEEPSPEED-2"),
+    "ZeRO-3": (zero(3), "DEEPSPEED-3"),
+}
+
+
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_every_trainer_under_the_engine_equals_one_process(name, one_process, tmp_path):
+    """NCATrainer and InfoNCATrainer (2 SGD steps) in every layout with a reference model, with precomputed reference
+    log-probabilities, with LoRA and with gradient checkpointing, and the online trainers (one step), on 2 processes x
+    2 rows under DDP, ZeRO-2 and ZeRO-3 (recipes/accelerate/zero*.yaml as documented for CPU): the engine that ran is
+    the one launched, every loss and gradient norm and every parameter's update equal one process with 4 rows (to
+    1e-5 of the update's norm: float32, summed in another order), and dropout is off in the policy and in the
+    reference (a DeepSpeed engine's, too: building the trainers crashed on it). ZeRO-3 refuses the prompt-cache layout,
+    whose number of forwards differs between ranks while every forward gathers the parameters."""
+    launcher, expected = ENGINES[name]
+    if name.startswith("ZeRO"):
+        deepspeed_or_skip()
+    folder, one = one_process
+    run([*launcher, "tests/distributed_job.py", "engines", str(tmp_path), "2"])
+    two = json.loads((tmp_path / "record.json").read_text())
+    assert two.keys() == one.keys()
+    for case, single in one.items():
+        if name == "ZeRO-3" and "-cache-" in case:
+            assert "prompt_sharing='cache'" in two[case].get("refused", ""), case
+            assert "DeepSpeed ZeRO-3" in two[case]["refused"], case
+            continue
+        got = two[case]
+        assert (got["engine"], got["processes"], got["dropout"]) == (expected, 2, False), case
+        steps = ONLINE_STEPS if case.startswith("online") else OFFLINE_STEPS
+        assert len(got["loss"]) == len(single["loss"]) == steps, case
+        assert got["loss"] + got["grad_norm"] == pytest.approx(single["loss"] + single["grad_norm"], rel=1e-5), case
+        moved, expected_moves = torch.load(tmp_path / f"{case}.pt"), torch.load(folder / f"{case}.pt")
+        assert moved.keys() == expected_moves.keys(), case
+        error = sum((moved[n] - expected_moves[n]).square().sum() for n in moved).sqrt()
+        assert error <= 1e-5 * sum(delta.square().sum() for delta in expected_moves.values()).sqrt(), case
+
+
+def documented_deepspeed_cpu_command() -> list[str]:
+    """The command of recipes/README.md's "DeepSpeed on CPU" section, as its words."""
+    text = (ROOT / "recipes" / "README.md").read_text()
+    section = text[text.index("## DeepSpeed on CPU") :]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return shlex.split(block.replace("\\\n", " "))
+
+
+def test_the_zero3_recipe_runs_on_cpu_as_documented(assets, tmp_path):
+    """recipes/README.md's DeepSpeed-on-CPU command (the ZeRO-3 launch config and recipe as written, with the CPU
+    flags it gives), on the tiny model and rows (no test split: no evaluation; one accumulation step, a larger
+    learning rate): 2 steps on 2 processes under ZeRO-3, with the recipe's gradient checkpointing and AdamW, give
+    the losses and gradient norms of one process with the same global batch, and checkpoint-2 is saved."""
+    deepspeed_or_skip()
+    command = documented_deepspeed_cpu_command()
+    split = command.index("-m")
+    launcher, (module, algorithm, *arguments) = command[:split], command[split + 1 :]
+    assert launcher[:2] == ["accelerate", "launch"] and (module, algorithm) == ("trl_nca", "nca")
+    assert "recipes/accelerate/zero3.yaml" in launcher and "--config" in arguments
+    substitutions = ["--eval_strategy", "no", "--gradient_accumulation_steps", "1"]
+    two, one, stdout = train_twice(assets, tmp_path, [*ACCELERATE, *launcher[2:]], *arguments, *substitutions)
+    assert two == pytest.approx(one, rel=1e-5)
+    assert "processes:          2 (DEEPSPEED ZeRO-3)" in stdout
+
+
+def test_a_deepspeed_config_launched_with_cpu_is_named_in_a_warning(assets, tmp_path):
+    """`accelerate launch --cpu` runs one plain process whatever the config: trl-nca says the DeepSpeed config is not
+    applied (read from the launcher's command line; the run then stops on a missing dataset)."""
+    data = ["--model_name_or_path", str(assets / "tiny"), "--dataset_name", str(tmp_path / "missing.jsonl")]
+    command = [*ACCELERATE, "--config_file", "recipes/accelerate/zero3.yaml", "--cpu", "-m", "trl_nca", "nca", *data]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    warning = [line for line in result.stderr.splitlines() if line.startswith("trl-nca: warning:")]
+    assert len(warning) == 1 and "DeepSpeed ZeRO-3 settings of recipes/accelerate/zero3.yaml" in warning[0]
+    assert "trl-nca: error: Dataset not found" in result.stderr  # one process got as far as the data
+
+
+@pytest.mark.parametrize(
+    "launch, warns",
+    [
+        (["accelerate", "launch", "--config_file", "recipes/accelerate/zero2.yaml", "--cpu", "-m", "trl_nca"], True),
+        (["python", "-m", "accelerate.commands.launch", "--cpu", "--use_deepspeed", "train.py"], True),
+        (["accelerate", "launch", "--config_file", "recipes/accelerate/zero2.yaml", "-m", "trl_nca"], False),
+        (["accelerate", "launch", "--config_file", "recipes/accelerate/cpu.yaml", "--cpu", "-m", "trl_nca"], False),
+        (["python", "-m", "trl_nca", "nca", "--cpu"], False),
+    ],
+)
+def test_which_launch_command_lines_drop_a_deepspeed_config(launch, warns, monkeypatch):
+    from trl_nca.launcher import dropped_deepspeed_config
+
+    monkeypatch.chdir(ROOT)
+    assert (dropped_deepspeed_config([*launch, "nca", "--config", "r.yaml"]) is not None) == warns

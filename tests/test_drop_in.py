@@ -340,3 +340,20 @@ def test_disable_dropout_reaches_the_attention_dropout_models_apply_functionally
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch)
     assert loss.item() == pytest.approx(2 * math.log(2), rel=1e-6)
+
+
+def test_precomputed_reference_log_probs_see_no_functional_attention_dropout(tokenizer, tmp_path):
+    """A policy built in memory is in training mode: with Llama's attention dropout on, the precompute (policy as the
+    reference) must still give the log-probabilities of the model without dropout."""
+    from conftest import build_model
+
+    def precomputed(dropout):
+        model = build_model(tokenizer)
+        model.config.attention_dropout = dropout
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = dropout
+        trainer = NCATrainer(model=model, args=nca_args(tmp_path, precompute_ref_log_probs=True),
+                             train_dataset=k_response_dataset(counts=(3, 4)), processing_class=tokenizer)  # fmt: skip
+        return [value for row in trainer.train_dataset["ref_logps"] for value in row]
+
+    assert precomputed(0.5) == pytest.approx(precomputed(0.0), rel=1e-6)

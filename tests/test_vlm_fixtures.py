@@ -3,7 +3,6 @@ gives features, the models train, and TRL 1.16's own DPOTrainer and GRPOTrainer 
 
 import copy
 import math
-import time
 
 import pytest
 import torch
@@ -81,7 +80,7 @@ def test_processor_expands_each_image_to_its_features(processor, kind):
         assert batch["pixel_values"].shape == (3, 3, 16, 16) and "image_grid_thw" not in batch
 
 
-def test_forward_and_backward_are_fast_and_use_the_image(processor, kind):
+def test_forward_and_backward_use_the_image(processor, kind):
     model = build_vlm(processor, kind)
     images = small_images(2, seed=1)
     text = prompt_text(processor, images[0])
@@ -94,13 +93,8 @@ def test_forward_and_backward_are_fast_and_use_the_image(processor, kind):
         == image_token_counts(processor, kind, batch["input_ids"])
         == [IMAGE_TOKENS[kind]] * 2
     )
-    model(**batch).logits.sum().backward()  # warm-up: the first call of a process pays one-time setup
-    model.zero_grad()
-    start = time.perf_counter()
     out = model(**batch, labels=batch["input_ids"])
     out.loss.backward()
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"forward + backward took {elapsed:.2f} s"
     assert math.isfinite(out.loss.item())
     # The image reaches the loss: the vision tower has gradients, and the two rows (same text, different
     # images) have different logits after the image

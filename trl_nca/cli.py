@@ -2,7 +2,7 @@
 
 Errors a newcomer hits (missing file or dataset, unknown subcommand or recipe field, a recipe that is not valid YAML,
 a GPU recipe on a machine without one) end as one line on stderr and exit code 2, not a traceback; `TRL_NCA_DEBUG=1`
-shows the traceback.
+shows the traceback. DeepSpeed's settings mismatch keeps its lines: the first says only that there is one.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ USAGE = """usage: trl-nca {nca,infonca,online} --config RECIPE.yaml [--field val
 """
 
 
+# How transformers' DeepSpeed integration starts its error when the launch config and TrainingArguments disagree; the
+# settings in question follow on the next lines
+DEEPSPEED_MISMATCH = "Please correct the following DeepSpeed config values that mismatch"
+
+
 def _accelerator_available() -> bool:
     import torch
 
@@ -45,6 +50,11 @@ def _train(command: str, argv: list[str]) -> int:
 
         main = partial(train_main, algorithm=command)
 
+    from .launcher import deepspeed_left_out
+
+    dropped = deepspeed_left_out()
+    if dropped:
+        print(f"trl-nca: warning: {dropped}", file=sys.stderr)
     parser = make_parser(prog=f"trl-nca {command}")
     on_cpu = not _accelerator_available()
     if on_cpu:
@@ -82,6 +92,23 @@ def _one_line(message: str) -> str:
     return f"trl-nca: error: {message}"
 
 
+def _error_text(error: Exception) -> str:
+    """What the command prints of `error`: its first line, or all of DeepSpeed's settings mismatch (with what to do
+    on a machine without a GPU, where the launch configs' bf16 is what mismatches)."""
+    text = (error.args[0] if isinstance(error, KeyError) and error.args else str(error)).strip()
+    lines = text.splitlines()
+    if not lines:
+        return type(error).__name__
+    if not lines[0].startswith(DEEPSPEED_MISMATCH):
+        return lines[0]
+    if "bf16" in text and not _accelerator_available():
+        lines.append(
+            "On CPU: launch with `accelerate launch --mixed_precision no ...` (the launch configs set bf16) and train "
+            "with --bf16 false (recipes/README.md, DeepSpeed on CPU)."
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
@@ -117,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError, ImportError) as error:
         if os.environ.get("TRL_NCA_DEBUG"):
             raise
-        text = (error.args[0] if isinstance(error, KeyError) and error.args else str(error)).strip().splitlines()
-        print(_one_line(text[0] if text else type(error).__name__), file=sys.stderr)
+        print(_one_line(_error_text(error)), file=sys.stderr)
         return 2
     except OSError as error:  # e.g. a model id that is neither a local folder nor reachable
         print(_one_line(str(error).splitlines()[0]), file=sys.stderr)

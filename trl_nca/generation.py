@@ -14,7 +14,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from .rewards import RewardFunc, resolve_reward, score_completions
+from .rewards import RewardFunc, check_reward_columns, resolve_reward, score_completions
 
 
 def _encode(tokenizer, prompts: Sequence) -> dict:
@@ -88,6 +88,7 @@ def build_reward_dataset(
         raise ValueError("There are no prompts to sample from")
     if "prompt" not in rows[0]:
         raise ValueError(f"The prompts need a 'prompt' column; they have {sorted(rows[0])}")
+    check_reward_columns([key for key in rows[0] if key != "prompt"], "prompts")
     funcs = [resolve_reward(f) for f in (reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])]
     set_seed(seed)
     texts = generate(

@@ -10,14 +10,15 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import pyarrow.compute as pc
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from trl.trainer.utils import RepeatSampler, is_async_callable
 
 from .data import RowError
 from .data import _check_text_or_messages as check_text_or_messages
 from .losses import soft_labels
-from .rewards import RewardError, check_reward_values, reward_name
+from .rewards import RewardError, check_reward_columns, check_reward_values, reward_name
 
 
 def checked_reward(func, group_size: int):
@@ -132,12 +133,36 @@ def named_datasets(train_dataset, eval_dataset):
     return named
 
 
+def check_images(dataset, split: str) -> None:
+    """Image prompts (`image` or `images`) are all-or-none: a row without its image among rows with images is
+    refused, naming the row (GRPOTrainer fails on it with a TypeError in the middle of a step)."""
+    for column in ("image", "images"):
+        if column not in dataset.column_names:
+            continue
+        values = dataset.select_columns([column]).with_format("arrow")[column]  # no image decoded
+        empty = values.is_null()
+        if column == "images":
+            empty = pc.or_(empty, pc.equal(pc.fill_null(pc.list_value_length(values), 0), 0))
+        missing = [i for i, none in enumerate(empty.to_pylist()) if none]
+        if missing and len(missing) < len(values):
+            raise ValueError(
+                f"{split.capitalize()} dataset: row {missing[0]}, column {column!r}: no image, where other rows have "
+                f"one ({len(missing)} of {len(values)} rows have none). GRPOTrainer takes image prompts or text "
+                "prompts in one dataset, not both: split them into two datasets, or drop the rows without images."
+            )
+
+
 def check_prompts(dataset, split: str) -> None:
     """Every row's `prompt` is text or a list of messages with roles (as the offline trainers check it); a
     `ValueError` naming the dataset, the row and the column otherwise, before anything is generated from it. An
     in-memory dataset is checked whole, a list of rows (a generation batch, e.g. from a stream) row by row, and a
     stream as its rows arrive."""
+    columns = dataset.column_names if isinstance(dataset, (Dataset, IterableDataset)) else None
+    if isinstance(dataset, list) and dataset:
+        columns = list(dict.fromkeys(key for row in dataset for key in row))
+    check_reward_columns(columns, split)
     if isinstance(dataset, Dataset):
+        check_images(dataset, split)
         if "prompt" not in dataset.column_names:
             raise ValueError(
                 f"The {split} dataset needs a `prompt` column, as GRPOTrainer's does; it has {dataset.column_names}."

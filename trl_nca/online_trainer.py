@@ -61,6 +61,7 @@ from .online_groups import (
     named_datasets,
     shuffle_groups,
 )
+from .rewards import check_reward_signature, named_reward, reward_name
 from .trainer import NCA_PAPER
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,10 @@ class _OnlineKResponseTrainer(PromptSharingMixin, GRPOTrainer):
         elif not isinstance(args, OnlineNCAConfig):
             args = OnlineNCAConfig.from_grpo_config(args)
         self._check_group_settings(args, evaluating=args.eval_strategy != "no")
+        # A Python function GRPO could not call stops here, not at the first step (strings and models are TRL's)
+        for func in reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]:
+            if callable(func) and not isinstance(func, torch.nn.Module):
+                check_reward_signature(func, f"Reward function '{reward_name(func)}'")
         if kwargs.get("environment_factory") is None:  # with an environment, the environment supplies the prompts
             for split, dataset in named_datasets(kwargs.get("train_dataset"), kwargs.get("eval_dataset")):
                 check_prompts(dataset, split)
@@ -128,7 +133,9 @@ class _OnlineKResponseTrainer(PromptSharingMixin, GRPOTrainer):
                 "the first update. Set `disable_dropout=True` (OnlineNCAConfig's default) unless you want that."
             )
         self.reward_funcs = [
-            f if isinstance(f, torch.nn.Module) else checked_reward(f, self.num_generations) for f in self.reward_funcs
+            # named: an exception inside a reward function names it, as in the command
+            f if isinstance(f, torch.nn.Module) else checked_reward(named_reward(f), self.num_generations)
+            for f in self.reward_funcs
         ]
         self._install_prompt_sharing(args.prompt_sharing)
 

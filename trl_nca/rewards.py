@@ -125,6 +125,25 @@ def _stored_weight_names(folder: Path) -> set[str] | None:
     return None
 
 
+# The keywords GRPO (and `trl-nca generate`) pass to reward functions besides the dataset's other columns: a column of
+# one of these names would be passed twice
+REWARD_KEYWORDS = (
+    "prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments"
+)  # fmt: skip
+
+
+def check_reward_columns(columns, split: str) -> None:
+    """Refuse a dataset column that reward functions would receive twice: GRPO passes every column but `prompt` (and
+    `completion`, `completion_ids`) to them by name, beside its own keywords (`REWARD_KEYWORDS`)."""
+    clash = [name for name in columns or () if name in REWARD_KEYWORDS and name != "completion_ids"]
+    if clash:
+        raise ValueError(
+            f"The {split} dataset has a column {clash[0]!r}, a keyword reward functions already get from GRPO "
+            f"({', '.join(REWARD_KEYWORDS)}): it would be passed twice. Rename or remove it, e.g. "
+            f"`dataset.remove_columns({clash!r})` (a previous round's output reused as prompts has `completions`)."
+        )
+
+
 def check_reward_signature(func: RewardFunc, label: str) -> None:
     """Refuse a function that cannot be called as TRL's GRPO reward functions are: every argument by keyword, with
     the dataset's other columns and (online) `completion_ids`, `trainer_state`, `log_extra`, `log_metric`, so it

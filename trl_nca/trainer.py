@@ -142,6 +142,12 @@ class _KResponseTrainer(DPOTrainer):
             if not args.precompute_ref_log_probs:
                 ref_model = copy.deepcopy(model)
         self.reward_temperature = args.reward_temperature
+        # Dropout off before DPOTrainer's constructor, which may precompute the reference log-probabilities with a
+        # model built in memory (in training mode); again after it, for a model TRL loads from a name
+        if args.disable_dropout:
+            for each in (model, ref_model):
+                if isinstance(each, torch.nn.Module):
+                    disable_dropout(each)
         # Without a collator of the user's, DPOTrainer builds its pair collator (after setting and checking the pad
         # token); the K-response one replaces it once the model's attention implementation is known
         self._layout = None if data_collator is None else "user"

@@ -85,6 +85,9 @@ class DataCollatorForImageRows(DataCollatorMixin):
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(token) if token else None
         self.encoded_images = 0
 
+    def max_length(self) -> int | None:
+        return next(iter(self.collators.values())).max_length
+
     def tokenize(self, example: dict, row: int) -> tuple[dict, dict]:
         """`(token ids of the row for the text collator, the processor's image inputs of the row)`."""
         images = row_images(example)
@@ -99,10 +102,27 @@ class DataCollatorForImageRows(DataCollatorMixin):
             apply_chat_template({"prompt": prompt, "completion": completion}, self.processor)
             for completion in example["completions"]
         ]
-        processed = self.processor(
-            images=images or None, text=[texts[0]["prompt"]], add_special_tokens=False, return_tensors="pt"
-        )
+        try:
+            processed = self.processor(
+                images=images or None, text=[texts[0]["prompt"]], add_special_tokens=False, return_tensors="pt"
+            )
+        except (ValueError, TypeError, OSError) as error:  # e.g. image tokens and images that do not match
+            raise ValueError(f"Row {row}, column 'prompt' with its {len(images)} image(s): {error}") from error
         completion_ids = [self.tokenizer(text["completion"], add_special_tokens=False)["input_ids"] for text in texts]
+        for k, ids in enumerate(completion_ids):
+            if self.image_token_id is not None and self.image_token_id in ids:
+                raise ValueError(
+                    f"Row {row}, column 'completions', response {k}: it holds the image token "
+                    f"{self.tokenizer.convert_ids_to_tokens(self.image_token_id)!r}; images go in the prompt, "
+                    "responses are text."
+                )
+        prompt_length, budget = processed["input_ids"].size(1), self.max_length()
+        if budget is not None and prompt_length >= budget:
+            raise ValueError(
+                f"Row {row}, column 'prompt': with its {len(images)} image(s) the prompt is {prompt_length} tokens, "
+                f"and max_length={budget} leaves no token of any response to train on. Raise max_length (or make "
+                "the images smaller)."
+            )
         tokens = {"prompt_ids": processed["input_ids"][0].tolist(), "completion_ids": completion_ids}
         tokens.update({key: example[key] for key in ("rewards", "ordered", "ref_logps") if key in example})
         inputs = {key: processed[key] for key in IMAGE_FIELDS if key in processed}
@@ -125,10 +145,13 @@ class DataCollatorForImageRows(DataCollatorMixin):
             self.encoded_images += sum(image["images"] for image in images)
             return batch
         copies = [len(row["completion_ids"]) if layout == "padded" else 1 for row in tokens]
+        # Rows without images carry no image inputs: a key any row of the batch has is passed for the rows that have
+        # it (the model matches image features to image tokens in order), whichever row comes first
         for key in IMAGE_FIELDS:
-            if key in images[0]["inputs"]:
-                batch[key] = torch.cat([image["inputs"][key] for image, n in zip(images, copies) for _ in range(n)])
-        for key in images[0]["per_token"]:
+            given = [(image["inputs"][key], n) for image, n in zip(images, copies) if key in image["inputs"]]
+            if given:
+                batch[key] = torch.cat([value for value, n in given for _ in range(n)])
+        for key in dict.fromkeys(key for image in images for key in image["per_token"]):
             batch[key] = (batch["input_ids"] == self.image_token_id).long()
         self.encoded_images += sum(image["images"] * n for image, n in zip(images, copies))
         return batch

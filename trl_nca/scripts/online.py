@@ -66,12 +66,18 @@ def _reward(spec: str):
     return resolve_reward(spec)
 
 
+def reward_specs(value) -> list[str]:
+    """The reward specs of `--reward_funcs`: a YAML scalar (`reward_funcs: my_module:my_reward`) is one spec, not a
+    list of its characters."""
+    return [value] if isinstance(value, str) else list(value)
+
+
 def main(script_args, training_args, model_args, dataset_args, *, callbacks=None):
     """Train online NCA or InfoNCA from the parsed dataclasses; returns the trainer after saving the model."""
     if script_args.objective not in TRAINERS:
         raise ValueError(f"--objective must be one of {sorted(TRAINERS)}, got {script_args.objective!r}")
     if not script_args.reward_funcs:
         raise ValueError("--reward_funcs is required: 'module:function' or a reward model folder (repeatable)")
-    reward_funcs = [_reward(spec) for spec in script_args.reward_funcs]
+    reward_funcs = [_reward(spec) for spec in reward_specs(script_args.reward_funcs)]
     build = functools.partial(TRAINERS[script_args.objective], reward_funcs=reward_funcs)
     return run_training(build, script_args, training_args, model_args, dataset_args, callbacks)

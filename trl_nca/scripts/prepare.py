@@ -9,6 +9,7 @@ rows that fail any other check of the trainers (mismatched lengths, non-numeric 
 from __future__ import annotations
 
 import argparse
+import io
 import math
 from collections import Counter
 from pathlib import Path
@@ -201,6 +202,20 @@ def _vlfeedback_image(example: dict, image_dir: str | None, row: int | None) -> 
     )
 
 
+def _readable(image: Any, row: int | None) -> Any:
+    """The image, once PIL has opened and decoded it: bytes that are no image stop here, naming the row, rather than
+    in the middle of training."""
+    if isinstance(image, dict) and image.get("bytes") is not None:
+        from PIL import Image as PILImage
+
+        try:
+            with PILImage.open(io.BytesIO(image["bytes"])) as opened:
+                opened.load()
+        except Exception as error:  # PIL raises UnidentifiedImageError, OSError, ValueError, SyntaxError...
+            raise RowError(f"Row {row}, column 'image': not a readable image ({type(error).__name__}).") from error
+    return image
+
+
 def vlfeedback_row(
     example: dict, row: int | None, drops: Counter, *, aggregation: str = "mean", min_k: int = 2, image_dir=None
 ) -> dict | None:
@@ -208,7 +223,7 @@ def vlfeedback_row(
     `drops` by its reason). Completions without a usable reward are dropped one by one first."""
     try:
         completions = _completion_list(example.get("completions"), row)
-        image = _vlfeedback_image(example, image_dir, row)
+        image = _readable(_vlfeedback_image(example, image_dir, row), row)
         text = example.get("prompt")
         if not isinstance(text, str) or not text.strip():
             raise RowError(f"Row {row}, column 'prompt': expected the prompt text, got {text!r}.")

@@ -209,11 +209,13 @@ def run_summary(trainer, train_metrics: dict, resumed_from: str | None = None) -
     loss_line = f"  final loss:         {fmt(last.get('loss'))}"
     if not logs:  # no step was logged (logging_steps above the step count): the run's mean loss is what there is
         loss_line = f"  train loss (mean):  {fmt(train_metrics.get('train_loss'))}"
+    engine = str(trainer.accelerator.distributed_type).split(".")[-1]
+    if trainer.is_deepspeed_enabled:
+        engine += f" ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
     lines = [
         f"{trainer._name} training finished",
         f"  steps:              {trainer.state.global_step}",
-        f"  processes:          {trainer.accelerator.num_processes} "
-        f"({str(trainer.accelerator.distributed_type).split('.')[-1]})",
+        f"  processes:          {trainer.accelerator.num_processes} ({engine})",
         f"  runtime:            {train_metrics.get('train_runtime', float('nan')):.1f} s",
         loss_line,
     ]
@@ -239,6 +241,17 @@ def _no_step(trainer, args) -> str:
     return f"Training took no step: {why}; nothing was saved to {args.output_dir}"
 
 
+def earlier_run_warning(output_dir, earlier: list[str]) -> str:
+    """What a new run says when its output folder holds checkpoints of an earlier one."""
+    return (
+        f"{output_dir} already holds {', '.join(earlier)} of an earlier run: this new run saves its checkpoints under "
+        "the same names, so one of the same step (checkpoint-N) overwrites the earlier run's, and Trainer's "
+        "save_total_limit rotation, which deletes by number, may remove this run's and keep the others. "
+        "`--resume_from_checkpoint true` and `trl-nca plot` use this run's only; to keep the runs apart, give "
+        "another --output_dir."
+    )
+
+
 def run_training(build, script_args, training_args, model_args, dataset_args, callbacks=None):
     """What every training command does around its trainer: check the model argument, load the splits, find the
     checkpoint to resume from, build the trainer with `build(model=..., args=..., ...)` (TRL's `ModelConfig`
@@ -251,12 +264,7 @@ def run_training(build, script_args, training_args, model_args, dataset_args, ca
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     earlier = [c.name for c in numbered_checkpoints(training_args.output_dir)]
     if checkpoint is None and earlier:
-        logger.warning(
-            f"{training_args.output_dir} already holds {', '.join(earlier)} of an earlier run: this new run's "
-            "checkpoints go beside them (Trainer's save_total_limit rotation deletes by number, so it may remove this "
-            "run's and keep those). `--resume_from_checkpoint true` and `trl-nca plot` use this run's only; to keep "
-            "the runs apart, give another --output_dir."
-        )
+        logger.warning(earlier_run_warning(training_args.output_dir, earlier))
     # The run's id goes into its record and every trainer state it saves; a resumed run keeps its checkpoint's
     run = TrlNcaRun(run_id_of(read_state(Path(checkpoint) / STATE)) if checkpoint else None)
     callbacks = [*(callbacks or []), run]
