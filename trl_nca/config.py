@@ -34,7 +34,8 @@ class NCAConfig(DPOConfig):
     It must be a finite number > 0 (with beta <= 0 the objective rewards moving away from the labels). `loss_type`
     may name the DPO loss the trainer computes on pairs (`"nca_pair"` for NCATrainer, `"sigmoid"` for
     InfoNCATrainer); other DPO-only fields (`loss_weights`, `ld_alpha`, `f_divergence_type`, `label_smoothing`,
-    `use_weighting`) raise a `ValueError` when set.
+    `use_weighting`) raise a `ValueError` when set. `bf16` left unset is True only where the device trains in bf16
+    (DPOConfig's default is True unless `fp16`, which fails on a machine without a GPU): float32 on a CPU.
 
     Parameters:
         reward_temperature (`float`, *optional*, defaults to `0.01`):
@@ -89,6 +90,7 @@ class NCAConfig(DPOConfig):
     )
 
     def __post_init__(self):
+        resolve_bf16(self)
         super().__post_init__()
         if not set(self.loss_type) <= set(PAIR_LOSS_TYPES) or len(self.loss_type) != 1:
             raise ValueError(
@@ -116,6 +118,17 @@ class NCAConfig(DPOConfig):
         values = {f.name: getattr(args, f.name) for f in fields(DPOConfig) if f.init}
         values.update(overrides)
         return cls(**values)
+
+
+def resolve_bf16(config) -> None:
+    """`bf16=None` (unset) becomes True only where the device trains in bf16 (a CUDA, XPU, NPU or HPU device that
+    supports it, and not `use_cpu`), else False: float32. DPOConfig and GRPOConfig default to True unless `fp16`,
+    which on a machine without a GPU stops at the config ("Your setup doesn't support bf16/gpu"), and on CPU trains
+    about 12 times slower than float32 (docs/layouts.md). An explicit `bf16=True` or `False` is kept."""
+    if config.bf16 is None:
+        from transformers.utils import is_torch_bf16_gpu_available
+
+        config.bf16 = not config.fp16 and not config.use_cpu and is_torch_bf16_gpu_available()
 
 
 def check_beta_and_temperature(beta: float, reward_temperature: float) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
-from .config import check_beta_and_temperature, refuse_changed
+from .config import check_beta_and_temperature, refuse_changed, resolve_bf16
 from .layouts import PROMPT_SHARING
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class OnlineNCAConfig(GRPOConfig):
                 f"completions of a prompt; got num_generations={self.num_generations}, "
                 f"num_generations_eval={self.num_generations_eval}."
             )
+        resolve_bf16(self)
         super().__post_init__()
         refuse_changed(
             self,
