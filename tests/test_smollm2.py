@@ -17,10 +17,13 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from trl_nca.demo.smollm2 import load_smollm2
+def smollm2(smollm2_folder):
+    """`load_smollm2()`'s model and tokenizer, from the folder it was materialised into once per session."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return load_smollm2()
+    return AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32), AutoTokenizer.from_pretrained(
+        smollm2_folder
+    )
 
 
 def arithmetic_rows():
