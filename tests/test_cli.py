@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -492,3 +493,22 @@ def test_generate_command_writes_a_scored_dataset(assets, tmp_path, capsys):
     assert len(data) == 3 and all(len(c) == 2 and len(r) == 2 for c, r in zip(data["completions"], data["rewards"]))
     assert set(data.column_names) >= {"prompt", "completions", "rewards", "answer"}
     assert "3 prompts x 2 responses" in capsys.readouterr().out
+
+
+def test_generate_finds_a_reward_module_in_the_current_folder_in_both_spellings(assets, tmp_path, monkeypatch):
+    """`--reward my_module.fn` and `--reward my_module:fn` with `my_module.py` where the command runs (not on the
+    console script's import path), as `trl grpo` finds its reward modules; the rewards are their sum."""
+    (tmp_path / "cwd_rewards_generate.py").write_text(
+        "def length(prompts, completions, **kwargs):\n"
+        "    return [float(len(c[0]['content'])) for c in completions]\n\n\n"
+        "def ten(prompts, completions, **kwargs):\n"
+        "    return [10.0] * len(completions)\n"
+    )
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(Path.cwd()))])
+    monkeypatch.chdir(tmp_path)
+    argv = ["generate", "--model", str(assets / "tiny"), "--task", "arithmetic", "--num_prompts", "2", "--k", "2",
+            "--max_new_tokens", "4", "--reward", "cwd_rewards_generate.length", "--reward", "cwd_rewards_generate:ten",
+            "--output_dir", "generated"]  # fmt: skip
+    assert cli.main(argv) == 0
+    for row in load_from_disk(str(tmp_path / "generated")):
+        assert row["rewards"] == [len(c[0]["content"]) + 10.0 for c in row["completions"]]

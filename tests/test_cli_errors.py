@@ -112,9 +112,9 @@ def test_a_malformed_reward_spec_or_signature_is_refused_naming_it(spec, message
 
 def test_online_refuses_a_malformed_spec_and_a_causal_lm_folder_before_loading_anything(assets, tmp_path, capsys):
     assert one_line_error(capsys, online_argv(assets, tmp_path / "a", ":name")) == (
-        "Reward ':name' is malformed: the module before ':' is empty; give 'module:function' (e.g. "
-        "'my_rewards:correct', importable from the working directory) or the folder of a sequence-classification "
-        "reward model"
+        "Reward ':name' is malformed: the module before ':' is empty; give 'module:function' or 'module.function' "
+        "(e.g. 'my_rewards:correct', with my_rewards.py in the current folder or on the import path) or the folder of "
+        "a sequence-classification reward model"
     )
     causal = str(assets / "tiny")
     assert one_line_error(capsys, online_argv(assets, tmp_path / "b", causal)) == (

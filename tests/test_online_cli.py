@@ -1,6 +1,8 @@
 """`trl-nca online` and the recipes in recipes/online/: parsing, 2 CPU steps on a tiny model, errors."""
 
+import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,12 +66,45 @@ def test_online_command_end_to_end_and_its_errors(tiny, tmp_path, capsys, monkey
     without_reward = [a for a in tiny_run(tiny, tmp_path / "b") if a != "online_helpers:length_reward"]
     without_reward.remove("--reward_funcs")
     assert error(*without_reward) == [
-        "trl-nca: error: --reward_funcs is required: 'module:function' or a reward model folder (repeatable)"
+        "trl-nca: error: --reward_funcs is required: 'module:function', 'module.function' or a reward model folder "
+        "(repeatable)"
     ]
     assert error(*tiny_run(tiny, tmp_path / "c", "--reward_funcs", "nowhere:reward")) == [
-        "trl-nca: error: Reward 'nowhere:reward': cannot import module 'nowhere' (No module named 'nowhere')"
+        "trl-nca: error: Reward 'nowhere:reward': cannot import module 'nowhere' (No module named 'nowhere'): a "
+        f"reward module is looked for in the current folder ({Path.cwd()}), then on the import path"
     ]
     assert error(*tiny_run(tiny, tmp_path / "d", "--num_generations", "1")) == [
         "trl-nca: error: `num_generations` (and `num_generations_eval`) must be at least 2: NCA and InfoNCA contrast "
         "the completions of a prompt; got num_generations=1, num_generations_eval=None."
     ]
+
+
+CWD_REWARDS = """
+def length_score(prompts, completions, **kwargs):
+    return [len(c[0]["content"] if isinstance(c, list) else c) / 10 for c in completions]
+
+
+def first_letter(prompts, completions, **kwargs):
+    return [float((c[0]["content"] if isinstance(c, list) else c)[:1] in "aeiou") for c in completions]
+"""
+
+
+def test_online_finds_a_reward_module_in_the_current_folder_in_both_spellings(tiny, tmp_path, monkeypatch, capsys):
+    """As `trl grpo`: `my_module.py` where the command runs is found (the console script's import path has its own
+    folder first, not the current one), named `module:function` or TRL's `module.function`."""
+    (tmp_path / "cwd_rewards_online.py").write_text(CWD_REWARDS)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(Path.cwd()))])
+    monkeypatch.chdir(tmp_path)
+    argv = tiny_run(tiny, tmp_path / "out", "--reward_funcs", "cwd_rewards_online:length_score",
+                    "cwd_rewards_online.first_letter")  # fmt: skip
+    assert cli.main(["online", *argv]) == 0
+    logs = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert {"rewards/length_score/mean", "rewards/first_letter/mean"} <= set(logs[0])
+    capsys.readouterr()
+    # a missing module is one line naming the spec, in either spelling
+    for spec in ("cwd_missing:score", "cwd_missing.score"):
+        assert cli.main(["online", *tiny_run(tiny, tmp_path / "x", "--reward_funcs", spec)]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"trl-nca: error: Reward '{spec}': cannot import module 'cwd_missing' (No module named 'cwd_missing'): a "
+            f"reward module is looked for in the current folder ({tmp_path}), then on the import path"
+        ]

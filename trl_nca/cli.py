@@ -17,6 +17,7 @@ USAGE = """usage: trl-nca {nca,infonca,online} --config RECIPE.yaml [--field val
        trl-nca generate --model DIR --output_dir DIR [--task arithmetic | --prompts FILE] [--reward SPEC] [--k 4]
        trl-nca demo [--quick] [--output_dir runs/demo]
        trl-nca plot OUTPUT_DIR
+       trl-nca COMMAND --help   (nca, infonca, online: --help-all lists every DPOConfig/GRPOConfig field)
 
   nca        train with NCA (Noise Contrastive Alignment) on scored responses
   infonca    train with InfoNCA on scored responses
@@ -40,28 +41,41 @@ def _accelerator_available() -> bool:
 
 
 def _train(command: str, argv: list[str]) -> int:
+    from functools import partial
+
+    from .scripts.help import HELP, HELP_ALL, quiet_bitsandbytes
+
     if command == "online":
-        from .scripts.online import main, make_parser
+        from .scripts.online import main, make_help_parser, make_parser
     else:
-        from functools import partial
+        from .scripts.train import main, make_help_parser, make_parser
 
-        from .scripts.train import main as train_main
-        from .scripts.train import make_parser
+        main, make_parser, make_help_parser = (
+            partial(f, algorithm=command) for f in (main, make_parser, make_help_parser)
+        )
 
-        main = partial(train_main, algorithm=command)
+    prog = f"trl-nca {command}"
+    # The help comes before anything that imports torch or prints: the short one from dataclasses that import
+    # neither torch nor transformers, the whole one from the parser that parses a run
+    if HELP_ALL in argv:
+        with quiet_bitsandbytes():
+            make_parser(prog=prog).print_help()
+        return 0
+    if any(flag in argv for flag in HELP):
+        make_help_parser(prog=prog).print_help()
+        return 0
 
     from .launcher import deepspeed_left_out
 
     dropped = deepspeed_left_out()
     if dropped:
         print(f"trl-nca: warning: {dropped}", file=sys.stderr)
-    parser = make_parser(prog=f"trl-nca {command}")
+    parser = make_parser(prog=prog)
     on_cpu = not _accelerator_available()
     if on_cpu:
         # DPOConfig's bf16=True default is ~12x slower on CPU (and refused without use_cpu): choose float32 here.
         # A recipe or flag that sets these explicitly still wins.
         parser.set_defaults(bf16=False, use_cpu=True, gradient_checkpointing=False)
-        print("trl-nca: no GPU found: training on CPU in float32 (bf16=False, gradient_checkpointing=False).")
     try:
         script_args, training_args, model_args, dataset_args = parser.parse_args_and_config()[:4]
     except yaml.YAMLError as error:
@@ -69,6 +83,11 @@ def _train(command: str, argv: list[str]) -> int:
     if on_cpu and (training_args.bf16 or training_args.fp16):
         print(_one_line("this recipe needs a GPU (it sets bf16 or fp16); on CPU add --bf16 false"), file=sys.stderr)
         return 2
+    if on_cpu:
+        print(
+            "trl-nca: no GPU found: training on CPU in float32 "
+            f"(bf16=False, gradient_checkpointing={training_args.gradient_checkpointing})."
+        )
     trainer = main(script_args, training_args, model_args, dataset_args)
     if trainer.accelerator.num_processes > 1:
         # Seen with gloo on CPU: the DDP reducer outlives `destroy_process_group`, and the group's destructor then

@@ -1,14 +1,13 @@
-"""`NCAConfig`: `DPOConfig` plus the few fields NCA and InfoNCA add."""
+"""`NCAConfig`: `DPOConfig` plus the few fields NCA and InfoNCA add (declared in `config_fields.NCAFields`)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from trl import DPOConfig
 
-from .data import ULTRAFEEDBACK_REWARDS
-from .layouts import PROMPT_SHARING
+from .config_fields import PROMPT_SHARING, ULTRAFEEDBACK_REWARDS, NCAFields
 
 # The DPO loss types the trainers compute on preference pairs: InfoNCATrainer is "sigmoid", NCATrainer "nca_pair".
 # "sigmoid" is DPOConfig's default, so it is accepted by both (it is what an unset `loss_type` reads as).
@@ -26,7 +25,7 @@ _DPO_ONLY_FIELDS = {
 
 
 @dataclass
-class NCAConfig(DPOConfig):
+class NCAConfig(NCAFields, DPOConfig):
     r"""
     Configuration for [`NCATrainer`] and [`InfoNCATrainer`]: every [`~trl.DPOConfig`] field, plus the fields below.
 
@@ -58,36 +57,6 @@ class NCAConfig(DPOConfig):
             gradient checkpointing or sliding-window attention for `"cache"`, a prompt left without a token of its
             own), `"auto"` leaves it out and naming it raises a `ValueError` with the reason.
     """
-
-    reward_temperature: float = field(
-        default=0.01,
-        metadata={
-            "help": "The paper's alpha: soft labels are softmax(rewards / reward_temperature), in the units of the "
-            "dataset's rewards (paper: 0.01 on UltraFeedback scores). 0 means a hard argmax on the best response. "
-            "Ties share the mass, except in rows listed best first (preference pairs, ranked columns), where the "
-            "first listed takes it."
-        },
-    )
-    ultrafeedback_reward: str = field(
-        default="overall_score",
-        metadata={
-            "help": "Which score of raw UltraFeedback rows becomes the reward: 'overall_score' (default), "
-            "'fine-grained_score', or 'mean_rating' (mean of the annotation ratings, 'N/A' left out).",
-            "choices": list(ULTRAFEEDBACK_REWARDS),
-        },
-    )
-
-    prompt_sharing: str = field(
-        default="auto",
-        metadata={
-            "help": "How K responses become model inputs: 'off' (padded: K prompt+response sequences per row, works "
-            "everywhere); 'mask' (each prompt once, its responses after it, a 4D attention mask: sdpa, eager, "
-            "flex_attention); 'cache' (each prompt run once, each response on its keys and values); 'on' (the "
-            "cheaper of mask and cache per batch); 'auto' (default: the cheapest allowed layout per batch by a cost "
-            "model). A named layout that cannot work here raises an error with the reason; 'auto' leaves it out.",
-            "choices": list(PROMPT_SHARING),
-        },
-    )
 
     def __post_init__(self):
         resolve_bf16(self)

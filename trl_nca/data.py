@@ -17,6 +17,8 @@ import numpy as np
 from datasets import Dataset, IterableDataset
 from transformers.utils import logging
 
+from .config_fields import ULTRAFEEDBACK_REWARDS
+
 logger = logging.get_logger(__name__)
 
 # The layouts the trainers accept, by the columns that identify them (also used in error messages)
@@ -32,8 +34,6 @@ LAYOUTS = {
 
 # Layouts whose responses are listed best first: their order breaks ties between equal rewards
 ORDERED_LAYOUTS = ("ranked_list", "preference", "ranked_columns")
-
-ULTRAFEEDBACK_REWARDS = ("overall_score", "fine-grained_score", "mean_rating")
 
 
 class RowError(ValueError):

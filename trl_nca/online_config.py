@@ -1,19 +1,18 @@
-"""`OnlineNCAConfig`: `GRPOConfig` plus the few fields online NCA and InfoNCA add."""
+"""`OnlineNCAConfig`: `GRPOConfig` plus the few fields online NCA and InfoNCA add (declared in
+`config_fields.OnlineNCAFields`)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from trl import GRPOConfig
 
 from .config import check_beta_and_temperature, refuse_changed, resolve_bf16
-from .layouts import PROMPT_SHARING
+from .config_fields import PROMPT_SHARING, REFERENCES, OnlineNCAFields
 
 logger = logging.getLogger(__name__)
-
-REFERENCES = ("sampler", "initial")
 
 # GRPOConfig fields that only shape GRPO's own loss or advantages, with the value that leaves them off. Online NCA
 # computes neither (its labels come from the raw rewards, its loss is trl_nca.losses), so setting one is an error
@@ -40,7 +39,7 @@ _GRPO_ONLY_FIELDS = {
 
 
 @dataclass
-class OnlineNCAConfig(GRPOConfig):
+class OnlineNCAConfig(OnlineNCAFields, GRPOConfig):
     r"""
     Configuration for [`OnlineNCATrainer`] and [`OnlineInfoNCATrainer`]: every [`~trl.GRPOConfig`] field (generation,
     `num_generations`, reward weights, vLLM, logging), plus the fields below.
@@ -71,43 +70,6 @@ class OnlineNCAConfig(GRPOConfig):
             own, so with dropout log pi_theta - log pi_ref is noise where it should be 0. Reaches the attention
             dropout that models apply functionally too (`trl_nca.dropout`).
     """
-
-    prompt_sharing: str = field(
-        default="auto",
-        metadata={
-            "help": "How each forward encodes a group's prompt (as NCAConfig's): 'auto' (the cheapest allowed layout "
-            "per batch by the cost model), 'on' (the cheaper of the two that encode each prompt once), 'off' (GRPO's "
-            "forward: the prompt once per completion), 'mask', 'cache'.",
-            "choices": list(PROMPT_SHARING),
-        },
-    )
-    disable_dropout: bool = field(
-        default=True,
-        metadata={
-            "help": "Turn off dropout in the policy and reference (default True, as DPOConfig; GRPOConfig's is "
-            "False): with dropout the reference and old log-probabilities see other masks than the policy forward."
-        },
-    )
-
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "NCA's beta: r_k = beta * logratio_k, a finite number > 0 (not GRPO's KL coefficient)."},
-    )
-    reward_temperature: float = field(
-        default=1.0,
-        metadata={
-            "help": "alpha: each group's soft labels are softmax(rewards / alpha), in the units of the rewards "
-            "(default 1.0, for rewards between 0 and about 1). 0 puts all the mass on the best completions."
-        },
-    )
-    reference: str = field(
-        default="sampler",
-        metadata={
-            "help": "The reference pi_ref: 'sampler' (the policy that generated the group, default) or 'initial' "
-            "(the starting policy).",
-            "choices": list(REFERENCES),
-        },
-    )
 
     def __post_init__(self):
         if self.num_generations < 2 or (self.num_generations_eval is not None and self.num_generations_eval < 2):

@@ -2,7 +2,8 @@
 
 A reward function has the signature of TRL's GRPO reward functions: `fn(prompts, completions, **columns)` returns
 one number per completion, where `columns` are the dataset's other columns. A spec is a callable,
-`"module:function"`, or the folder of a sequence-classification reward model (its first logit is the reward).
+`"module:function"` or `"module.function"` (the module from the current folder first, then the import path, as
+`trl grpo` finds it), or the folder of a sequence-classification reward model (its first logit is the reward).
 `trl-nca generate` and the online trainers resolve specs the same way, and both check every value a function
 returns: a wrong count, a value that is not a number, or a non-finite one stops the run with the function's name and
 the prompt it was scoring, rather than training on it. A spec is checked when it is resolved (its form, that the
@@ -18,7 +19,9 @@ import inspect
 import json
 import math
 import numbers
+import os
 import re
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,8 +35,8 @@ REWARD_SIGNATURE = "f(prompts, completions, **kwargs)"
 # "module:function": a dotted module path and a (dotted) attribute of it
 _IDENTIFIERS = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _SPEC_HELP = (
-    "give 'module:function' (e.g. 'my_rewards:correct', importable from the working directory) or the folder of a "
-    "sequence-classification reward model"
+    "give 'module:function' or 'module.function' (e.g. 'my_rewards:correct', with my_rewards.py in the current "
+    "folder or on the import path) or the folder of a sequence-classification reward model"
 )
 _FRESH_HEAD = (
     "; loaded as a reward model it would score with a freshly initialised head. Give the folder of a trained reward "
@@ -222,23 +225,28 @@ def _reward_failure(func, spec: str, error: Exception, args, kwargs) -> RewardEr
 
 
 def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
-    """A reward function from a callable, `"module:function"`, or a reward model folder; a `RewardError` that says
-    what is wrong otherwise (a malformed spec, a missing module, function or folder, a signature GRPO cannot call).
-    A function named by a spec comes back wrapped by `named_reward`, so that its errors name the spec."""
+    """A reward function from a callable, `"module:function"`, `"module.function"` (TRL's `trl grpo` spelling: the
+    function after the last dot), or a reward model folder; a `RewardError` that says what is wrong otherwise (a
+    malformed spec, a missing module, function or folder, a signature GRPO cannot call). The module is looked for in
+    the current folder first, then on the import path, as `trl grpo` does. A function named by a spec comes back
+    wrapped by `named_reward`, so that its errors name the spec."""
     if callable(spec):
         check_reward_signature(spec, f"Reward function '{reward_name(spec)}'")
         return spec
     path = Path(spec).expanduser()
     if path.is_dir():
         return reward_model_function(path)
-    if ":" not in spec:
-        if "/" in spec or "\\" in spec or spec.startswith((".", "~")):
-            raise RewardError(f"Reward model folder not found: {spec} (no such folder)")
+    if ":" in spec:
+        module_name, name = spec.split(":", 1)
+    elif "/" in spec or "\\" in spec or spec.startswith((".", "~")):
+        raise RewardError(f"Reward model folder not found: {spec} (no such folder)")
+    elif "." in spec and _IDENTIFIERS.match(spec):
+        module_name, name = spec.rsplit(".", 1)
+    else:
         raise RewardError(
-            f"Unknown reward {spec!r}: give 'module:function' (a TRL GRPO-style reward function) or the folder of a "
-            "sequence-classification reward model"
+            f"Unknown reward {spec!r}: give 'module:function' or 'module.function' (a TRL GRPO-style reward function) "
+            "or the folder of a sequence-classification reward model"
         )
-    module_name, name = spec.split(":", 1)
     problem = (
         "the module before ':' is empty"
         if not module_name
@@ -252,14 +260,7 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     )
     if problem:
         raise RewardError(f"Reward {spec!r} is malformed: {problem}; {_SPEC_HELP}")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        raise RewardError(f"Reward {spec!r}: cannot import module {module_name!r} ({error})") from None
-    except Exception as error:  # the module's own code failed: a syntax error, an import inside it
-        raise RewardError(
-            f"Reward {spec!r}: importing module {module_name!r} failed ({type(error).__name__}: {error})"
-        ) from None
+    module = _import_reward_module(spec, module_name)
     func = module
     for part in name.split("."):
         func = getattr(func, part, None)
@@ -271,6 +272,29 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
         )
     check_reward_signature(func, f"Reward function '{reward_name(func)}' ({spec})")
     return named_reward(func, spec)
+
+
+def _import_reward_module(spec: str, module_name: str):
+    """The module of a reward spec, from the current folder first, then the import path (the current folder goes
+    first on `sys.path`, as `trl grpo` puts it, so that functions the module imports later are found too)."""
+    folder = os.getcwd()
+    if sys.path[:1] != [folder]:
+        sys.path.insert(0, folder)
+    importlib.invalidate_caches()  # a module written since the folder was last listed
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        missing = error.name or module_name
+        if module_name != missing and not module_name.startswith(missing + "."):  # an import inside the module
+            raise RewardError(f"Reward {spec!r}: importing module {module_name!r} failed ({error})") from None
+        raise RewardError(
+            f"Reward {spec!r}: cannot import module {module_name!r} ({error}): a reward module is looked for in the "
+            f"current folder ({folder}), then on the import path"
+        ) from None
+    except Exception as error:  # the module's own code failed: a syntax error, an import inside it
+        raise RewardError(
+            f"Reward {spec!r}: importing module {module_name!r} failed ({type(error).__name__}: {error})"
+        ) from None
 
 
 def check_reward_values(

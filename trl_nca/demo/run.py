@@ -15,37 +15,44 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from ..config_fields import REFERENCES
 from .arithmetic import arithmetic_reward, extract_answer, heldout_problems, make_problems
 
 MODES = ("online", "offline")
 
 
+def _setting(default, text: str):
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class DemoSettings:
-    output_dir: str = "runs/demo"
-    model_dir: str = "runs/smollm2"
-    mode: str = "online"
-    train_prompts: int = 96  # online: the pool of questions; offline: the questions sampled once
-    heldout_prompts: int = 96
-    k: int = 8
-    batch_size: int = 4  # questions per optimizer step
-    steps: int = 10  # online: optimizer steps, one generation each
-    epochs: int = 2  # offline: passes over the sampled rows
-    reference: str = "sampler"  # online: OnlineNCAConfig.reference
-    learning_rate: float = 5e-4
-    beta: float = 0.1
+    """The demo's settings, each a `trl-nca demo --NAME` option with its help."""
+
+    output_dir: str = _setting("runs/demo", "where the adapter, plot.png and summary.json are written")
+    model_dir: str = _setting("runs/smollm2", "where SmolLM2 is materialised as a model folder (on first use)")
+    mode: str = _setting("online", "online: sample, score and learn every step; offline: sample once, then train")
+    train_prompts: int = _setting(96, "online: the pool of training questions; offline: the questions sampled once")
+    heldout_prompts: int = _setting(96, "held-out questions whose greedy accuracy is measured before and after")
+    k: int = _setting(8, "answers sampled per question (K)")
+    batch_size: int = _setting(4, "questions per optimizer step")
+    steps: int = _setting(10, "online: optimizer steps, one generation each")
+    epochs: int = _setting(2, "offline: passes over the sampled rows")
+    reference: str = _setting("sampler", "online: the reference pi_ref, 'sampler' or 'initial' (OnlineNCAConfig)")
+    learning_rate: float = _setting(5e-4, "learning rate of the LoRA adapter")
+    beta: float = _setting(0.1, "NCA's beta: r_k = beta * logratio_k")
     # the demo's tuned setting; OnlineNCAConfig defaults to 1.0, which scored 0.552 here (docs/demo.md)
-    reward_temperature: float = 0.1
-    lora_r: int = 16
-    max_new_tokens: int = 32  # sampling length while training (held-out answers get 40)
-    temperature: float = 0.8
-    trend_rows: int = 16  # offline: rows whose likelihood trend is evaluated
-    seed: int = 0
+    reward_temperature: float = _setting(0.1, "alpha: soft labels are softmax(rewards / alpha); rewards are 0 to 1.1")
+    lora_r: int = _setting(16, "LoRA rank (and alpha), on every linear layer")
+    max_new_tokens: int = _setting(32, "sampling length while training, in tokens (held-out answers get 40)")
+    temperature: float = _setting(0.8, "sampling temperature")
+    trend_rows: int = _setting(16, "offline: rows whose likelihood trend is evaluated")
+    seed: int = _setting(0, "seed of the questions, the sampling and the training")
 
     @classmethod
     def quick(cls, **overrides) -> DemoSettings:
@@ -286,14 +293,26 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def cli(argv: list[str]) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """`trl-nca demo`'s options: `--quick` and one per `DemoSettings` field, with the value `--quick` gives it."""
     parser = argparse.ArgumentParser(prog="trl-nca demo", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the reduced mode: fewer prompts and steps")
-    defaults = DemoSettings()
-    for name, value in asdict(defaults).items():
-        kwargs = {"choices": MODES} if name == "mode" else {}
-        parser.add_argument(f"--{name}", type=type(value), default=None, help=f"default {value}", **kwargs)
-    args = vars(parser.parse_args(argv))
+    defaults, quick = DemoSettings(), DemoSettings.quick()
+    for setting in fields(DemoSettings):
+        value, reduced = getattr(defaults, setting.name), getattr(quick, setting.name)
+        default = f"default {value}" + (f"; --quick: {reduced}" if reduced != value else "")
+        parser.add_argument(
+            f"--{setting.name}",
+            type=type(value),
+            default=None,
+            choices={"mode": MODES, "reference": REFERENCES}.get(setting.name),
+            help=f"{setting.metadata['help']} ({default})",
+        )
+    return parser
+
+
+def cli(argv: list[str]) -> int:
+    args = vars(make_parser().parse_args(argv))
     quick = args.pop("quick")
     overrides = {k: v for k, v in args.items() if v is not None}
     settings = DemoSettings.quick(**overrides) if quick else DemoSettings(**overrides)

@@ -8,33 +8,56 @@ import argparse
 ARITHMETIC_REWARD = "trl_nca.demo.arithmetic:arithmetic_reward"
 
 
-def cli(argv: list[str]) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trl-nca generate", description=__doc__)
     parser.add_argument("--model", required=True, help="model folder or hub id to sample from")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", choices=["arithmetic"], help="built-in prompts (with their `answer` column)")
     source.add_argument("--prompts", help="dataset (file or folder) with a `prompt` column")
-    parser.add_argument("--num_prompts", type=int, default=96, help="with --task: how many prompts")
+    parser.add_argument(
+        "--num_prompts", type=int, default=96, help="with --task: how many prompts (default %(default)s)"
+    )
     parser.add_argument(
         "--reward",
         action="append",
         default=None,
-        help="'module:function' (TRL GRPO signature) or a reward model folder; repeat to sum several (default with "
+        help="'module:function' or 'module.function' (TRL's GRPO signature; the module is looked for in the current "
+        "folder first, then on the import path) or a reward model folder; repeat to sum several (default with "
         f"--task arithmetic: {ARITHMETIC_REWARD})",
     )
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top_p", type=float, default=0.95)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument(
+        "--k", type=int, default=4, help="responses sampled per prompt, at least 2 (default %(default)s)"
+    )
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default %(default)s)")
+    parser.add_argument(
+        "--top_p",
+        type=float,
+        default=0.95,
+        help="nucleus sampling: the probability mass sampled from (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max_new_tokens", type=int, default=64, help="the longest response, in tokens (default %(default)s)"
+    )
+    parser.add_argument("--batch_size", type=int, default=16, help="prompts sampled together (default %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the sampling and of the --task prompts (default %(default)s)"
+    )
+    parser.add_argument(
+        "--output_dir",
+        required=True,
+        help="folder the dataset is saved to (save_to_disk); train on it with --dataset_name",
+    )
+    return parser
+
+
+def cli(argv: list[str]) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.prompts and not args.reward:
-        parser.error("--prompts needs --reward (a 'module:function' or a reward model folder)")
+        parser.error("--prompts needs --reward (a 'module:function', 'module.function' or a reward model folder)")
     from ..generation import build_reward_dataset
     from ..rewards import resolve_reward
     from .utils import check_model, model_not_found_as_one_line
