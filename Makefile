@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of PyTorch, installed before the rest so pip does not pull a multi-GB CUDA build.
-# On a GPU machine, install the torch you want into .venv first, or set TORCH= (empty) to keep what is there.
+# PyTorch, installed before the rest so pip does not pick a build for us. torch==2.13.0 is the CPU build where a local
+# wheel folder or the CPU index provides it; on a stock PyPI index the default Linux wheel is the multi-GB CUDA build:
+# TORCH="torch==2.13.0 --index-url <PyTorch's CPU wheel index>" asks for the CPU one. On a GPU machine,
+# install the torch you want into .venv first, or set TORCH= (empty) to keep what is there.
 TORCH ?= torch==2.13.0
 # DeepSpeed (the ZeRO tests; PyPI has only its source archive) is built against that torch: no build isolation, and
 # none of its C++/CUDA ops compiled ahead (DS_BUILD_OPS=0: on CPU it compiles its one communication op at first use).
@@ -20,7 +22,7 @@ QUICK ?=
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	if [ -n "$(TORCH)" ]; then $(PY) -m pip install --quiet "$(TORCH)"; fi
+	if [ -n "$(TORCH)" ]; then $(PY) -m pip install --quiet $(TORCH); fi
 	$(PY) -m pip install --quiet -e ".[dev]"
 	if [ -n "$(DEEPSPEED)" ]; then $(PY) -m pip install --quiet setuptools && \
 		DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation "$(DEEPSPEED)"; fi

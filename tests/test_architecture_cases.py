@@ -125,3 +125,14 @@ def test_the_cost_model_counts_parameters_partitioned_by_zero3(tokenizer):
         p.ds_numel = p.numel()
         p.data = p.data.new_empty(0)
     assert ModelShape.of(model) == whole and whole.body_params > 10_000
+
+
+def test_the_online_check_keeps_the_layouts_of_an_absolute_position_model(tokenizer, tmp_path, caplog):
+    """GPT-2 counts left pads into positions in GRPO's forward; the check compares rows without left padding, where
+    both take generation's positions, so the layouts stay (docs/architectures.md)."""
+    trainer = grpo(PromptSharingGRPOTrainer, tokenizer, tmp_path, model=build("gpt2"))
+    ids, mask, keep = grpo_rows(k_response_rows(), pad=0)
+    assert bool((mask[:, 0] == 0).any())  # some rows are left-padded
+    with caplog.at_level(logging.WARNING, logger="trl_nca.group_forward"), torch.no_grad():
+        trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep)
+    assert trainer._group_collator is not None and "differs from GRPO's" not in caplog.text

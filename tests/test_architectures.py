@@ -1,4 +1,4 @@
-"""The architecture matrix (tests/architectures.py): every layout, offline and online, on tiny models of 62 model
+"""The architecture matrix (tests/architectures.py): every layout, offline and online, on tiny models of 63 model
 types gives the model's own log-probabilities (and gradients) or is refused up front with its reason; the table in
 docs/architectures.md is the one these cells give."""
 

@@ -155,7 +155,9 @@ class PromptSharingMixin:
             self._group_checked = True
             expected = grpo()
             low_precision = self.args.bf16 or self.args.fp16 or logps.dtype != torch.float32
-            completions = attention_mask[:, -logits_to_keep:]
+            # Rows whose prompt has no left padding: there GRPO's positions are generation's for every model (GRPO
+            # counts left pads into the positions of absolute-position models, docs/architectures.md)
+            completions = attention_mask[:, -logits_to_keep:] * attention_mask[:, :1]
             mismatch = layout_mismatch(logps, expected[0], completions, low_precision=low_precision)
             if mismatch:
                 logger.warning(

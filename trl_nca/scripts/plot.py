@@ -42,7 +42,12 @@ def load_log_history(output_dir: str | Path) -> list[dict]:
 def cli(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="trl-nca plot", description="Plot a finished run's log history.")
+    parser = argparse.ArgumentParser(prog="trl-nca plot", description=(
+            "Plot a finished run's log history to a PNG: offline runs (nca, infonca) the likelihood of the best and "
+            "worst response and the reward accuracy; online runs the sample reward, the groups without signal and "
+            "the completion length."
+        ),
+    )
     parser.add_argument("output_dir", help="the run's output folder (with trainer_state.json or checkpoints)")
     parser.add_argument("--out", default=None, help="PNG path (default OUTPUT_DIR/plot.png)")
     args = parser.parse_args(argv)
