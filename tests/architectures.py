@@ -267,7 +267,7 @@ def online_cells(model) -> dict[str, str]:
                                  pad_to_multiple_of=None)  # fmt: skip
         try:
             with torch.no_grad():
-                found = grouped_per_token(model, collator, ids, mask, keep)
+                found = grouped_per_token(model, collator, ids, mask, keep, token_stats=True)
         except Exception as error:
             out[layout] = f"MISMATCH: {type(error).__name__}: {str(error)[:200]}"
             continue

@@ -107,3 +107,39 @@ def test_the_grpo_subclass_trains_as_grpo(tokenizer, tmp_path):
         torch.testing.assert_close(after[PromptSharingGRPOTrainer][name], value, rtol=1e-5, atol=1e-6, msg=name)
         moved += "lora_B" in name and bool(value.abs().sum() > 0)
     assert moved
+
+
+def test_the_grpo_subclass_keeps_groups_whole_under_grpos_default_order(tokenizer, tmp_path, monkeypatch):
+    """steps_per_generation = 4 (gradient accumulation 4), K = 4: GRPO's per-completion shuffle splits groups over the
+    micro-batches; the subclass shuffles whole groups, so each micro-batch holds one prompt's 4 completions, and its
+    step equals GRPOTrainer's given the same (group) order."""
+    import trl.trainer.grpo_trainer as grpo_module
+
+    from trl_nca.online_groups import shuffle_groups
+
+    def run(cls, **kwargs):
+        args = GRPOConfig(output_dir=str(tmp_path / cls.__name__), use_cpu=True, bf16=False, report_to=[],
+                          num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                          max_completion_length=8, max_steps=1, optim="sgd", learning_rate=0.5,
+                          gradient_checkpointing=False, beta=0.1, seed=0, logging_steps=1)  # fmt: skip
+        trainer = cls(model=build_model(tokenizer), reward_funcs=length_reward, args=args,
+                      train_dataset=prompts_dataset(), processing_class=tokenizer, peft_config=lora(),
+                      rollout_func=deterministic_rollout, **kwargs)  # fmt: skip
+        seen = []
+        forward = trainer._get_per_token_logps_and_entropies
+
+        def counting(model, input_ids, *args, **kwargs):  # prompts per policy forward of a micro-batch
+            if torch.is_grad_enabled():
+                seen.append(len({tuple(row) for row in input_ids[:, : input_ids.size(1) - args[1]].tolist()}))
+            return forward(model, input_ids, *args, **kwargs)
+
+        trainer._get_per_token_logps_and_entropies = counting
+        trainer.train()
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}, seen
+
+    ours, prompts_per_forward = run(PromptSharingGRPOTrainer)
+    assert prompts_per_forward == [1, 1, 1, 1]  # every micro-batch: one prompt, its 4 completions
+    monkeypatch.setattr(grpo_module, "shuffle_sequence_dict", lambda batch: shuffle_groups(batch, 4))
+    theirs, _ = run(GRPOTrainer)
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -158,7 +158,7 @@ def old_offline_step(trainer, batch) -> dict:
     log-probabilities and head outputs, the token sums from `slow_token_sums`."""
     mask = batch["response_mask"]
     with torch.no_grad():
-        flat, outputs, owner = trainer._sequence_logps(trainer.model, batch)
+        flat, outputs, owner = trainer._sequence_logps(trainer.model, batch, token_stats=True)
         policy = trainer._per_response(flat, mask).float()
         ref = trainer.compute_ref_log_probs(trainer.ref_model, batch).float()
     metrics = k_response_metrics(policy, ref, batch["rewards"], mask, beta=trainer.beta, ordered=batch["ordered"])

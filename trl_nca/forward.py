@@ -18,7 +18,7 @@ def response_token_logps(model, inputs: dict, *, head: str, mask_dtype: torch.dt
     collated batch and each scored token's response (row-major order of `response_mask`). `head` is `"response"`
     (`trl_nca.scoring`'s head, which `model` must carry: `add_response_head`) or `"fused"` (TRL's, which `model` must
     carry: `add_fused_lm_head`); the prompt-cache layout always runs ours. `forward_kwargs` go to the forward
-    (`output_router_logits`, `entropy_grad`)."""
+    (`output_router_logits`, `token_stats`, `entropy_grad`)."""
     attn_implementation = extract_model_from_parallel(model).config._attn_implementation
     kwargs = model_inputs(inputs, attn_implementation, mask_dtype) | forward_kwargs
     if layout_of(inputs) == "cache":
@@ -29,7 +29,8 @@ def response_token_logps(model, inputs: dict, *, head: str, mask_dtype: torch.dt
         outputs = model(**kwargs, labels=labels, response_head=True)
         # prompt tuning prepends virtual positions (never labelled) to `labelled`: keep the real ones
         return outputs, owners[outputs.labelled[:, -owners.size(1) :]]
-    kwargs.pop("entropy_grad", None)
+    kwargs.pop("entropy_grad", None)  # TRL's head: its own outputs (entropy and is_top1 for the policy)
+    kwargs.pop("token_stats", None)
     fused = model(**kwargs, labels=labels, use_cache=False, fused_lm_head=True)
     scored = owners >= 0
 

@@ -23,6 +23,7 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers.utils import logging
 from trl import GRPOTrainer
+from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
 from .forward import response_token_logps
 from .layout_check import layout_mismatch
@@ -36,6 +37,7 @@ from .layouts import (
     sharded_parameters,
     shared_blocker,
 )
+from .online_groups import shuffle_groups
 from .scoring import add_response_head
 
 logger = logging.get_logger(__name__)
@@ -124,6 +126,30 @@ class PromptSharingMixin:
                 )
         self._group_checked = False
 
+    # Replaces GRPOTrainer._prepare_inputs (TRL 1.16.0): the generation batch shuffled by whole groups instead of by
+    # completion (`_shuffles_groups`), so that each micro-batch holds whole groups and a prompt is encoded once in it;
+    # the rest is GRPO's buffering
+    def _prepare_inputs(self, generation_batch):
+        if not (self.model.training and self._shuffles_groups()):
+            return super()._prepare_inputs(generation_batch)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            batch = shuffle_groups(split_pixel_values_by_grid(batch), self._shuffle_unit(len(generation_batch)))
+            batches = split_tensor_dict(batch, self.args.steps_per_generation)
+            self._buffered_inputs = [unsplit_pixel_values_by_grid(b) for b in batches]
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def _shuffles_groups(self) -> bool:
+        """Whether micro-batches hold whole groups: where prompts are shared (GRPO's per-completion shuffle leaves
+        1-3 completions of a prompt per micro-batch at steps_per_generation=4, K=8, and little to share)."""
+        return self.prompt_sharing != "off"
+
+    def _shuffle_unit(self, size: int) -> int:
+        # Whole groups where a process holds whole groups; where a group spans processes, its completions are
+        # shuffled one by one, as GRPO does
+        return self.num_generations if size % self.num_generations == 0 else 1
+
     # Replaces GRPOTrainer._get_per_token_logps_and_entropies (TRL 1.16.0) for text batches
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
@@ -144,13 +170,13 @@ class PromptSharingMixin:
             with self.accelerator.autocast():
                 grouped = grouped_per_token(
                     model, self._group_collator, input_ids[chunk], attention_mask[chunk], logits_to_keep,
-                    entropy_grad=compute_entropy and torch.is_grad_enabled(),
+                    token_stats=compute_entropy, entropy_grad=compute_entropy and torch.is_grad_enabled(),
                 )  # fmt: skip
             if grouped is None:  # a row without prompt tokens
                 return grpo()
             logps.append(grouped[0])
             entropies.append(grouped[1])
-        logps, entropies = torch.cat(logps), torch.cat(entropies)
+        logps, entropies = torch.cat(logps), (torch.cat(entropies) if compute_entropy else None)
         if not self._group_checked:  # the layout check, once: GRPO's own forward on the same rows
             self._group_checked = True
             expected = grpo()
@@ -169,10 +195,13 @@ class PromptSharingMixin:
         return logps, (entropies if compute_entropy else None), None
 
 
-def grouped_per_token(model, collator, input_ids, attention_mask, logits_to_keep, *, entropy_grad=False):
+def grouped_per_token(
+    model, collator, input_ids, attention_mask, logits_to_keep, *, token_stats=True, entropy_grad=False
+):
     """GRPO's per-token log-probabilities and entropies `(rows, logits_to_keep)` of a batch of GRPO rows
     (`[left-padded prompt | right-padded completion]`), with each prompt encoded once per group in the layout
-    `collator` builds; None when a row has no prompt token (`group_rows`). `model` carries `add_response_head`."""
+    `collator` builds; None when a row has no prompt token (`group_rows`). `model` carries `add_response_head`.
+    `token_stats=False`: no entropies (None), for the old and reference forwards."""
     grouped = group_rows(input_ids, attention_mask, logits_to_keep)
     if grouped is None:
         return None
@@ -180,18 +209,21 @@ def grouped_per_token(model, collator, input_ids, attention_mask, logits_to_keep
     batch = collator(examples)
     batch = {k: v.to(input_ids.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     outputs, owner = response_token_logps(
-        model, batch, head="response", mask_dtype=torch.float32, entropy_grad=entropy_grad
+        model, batch, head="response", mask_dtype=torch.float32, token_stats=token_stats, entropy_grad=entropy_grad
     )
     order = [b for group in members for b in group]
     shape = (input_ids.size(0), logits_to_keep)
-    return per_token(outputs.log_probs, owner, order, shape), per_token(outputs.entropy, owner, order, shape)
+    entropy = None if outputs.entropy is None else per_token(outputs.entropy, owner, order, shape)
+    return per_token(outputs.log_probs, owner, order, shape), entropy
 
 
 class PromptSharingGRPOTrainer(PromptSharingMixin, GRPOTrainer):
     """TRL's `GRPOTrainer`, with each prompt encoded once per group in its policy, old and reference forwards
     (`prompt_sharing`, default `"auto"`; see `trl_nca.group_forward`). The loss, the advantages, generation and every
-    `GRPOConfig` field are GRPO's: only how the per-token log-probabilities are computed changes, equal to GRPO's
-    within float tolerance."""
+    `GRPOConfig` field are GRPO's: how the per-token log-probabilities are computed changes, equal to GRPO's within
+    float tolerance, and the generation batch is shuffled by whole groups rather than by completion, so that each
+    micro-batch holds whole groups (the same completions train, in another split over the micro-batches; with
+    `prompt_sharing="off"` GRPO's order is kept)."""
 
     def __init__(self, *args, prompt_sharing: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)

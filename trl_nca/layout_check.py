@@ -70,7 +70,7 @@ def check_layouts(model, rows, collators: dict, *, head: str, mask_dtype, low_pr
         expected = own_forward_logps(model, _to(padded, device))
         found = {}
         for name, batch in on_device.items():
-            outputs, owner = response_token_logps(model, batch, head=head, mask_dtype=mask_dtype)
+            outputs, owner = response_token_logps(model, batch, head=head, mask_dtype=mask_dtype, token_stats=False)
             values = sum_by_response(outputs.log_probs.float(), owner, int(batch["response_mask"].sum()))
             if mismatch := layout_mismatch(values, expected, low_precision=low_precision):
                 found[name] = mismatch

@@ -11,8 +11,9 @@ replaced here (TRL 1.16.0; pinned in `tests/test_trl_contracts.py`), as TRL's ow
 - `_calculate_rewards`: keeps the gathered rewards of every function for the labels (GRPO's own advantages are
   computed and logged as usual, but not trained on).
 - `_generate_and_score_completions`: adds each completion's soft label, its group's size and its group id.
-- `_prepare_inputs`: GRPO's, with the generation batch shuffled by whole groups instead of by completion, so that a
-  micro-batch always holds whole groups (InfoNCA's log-softmax needs them).
+- `_prepare_inputs` (from `trl_nca.group_forward.PromptSharingMixin`): GRPO's, with the generation batch shuffled by
+  whole groups instead of by completion, so that a micro-batch always holds whole groups (InfoNCA's log-softmax
+  needs them).
 - `_get_train_sampler`: GRPO's sampler, reseeded each epoch, so that a resumed run sees the prompts in the same order.
 - `_compute_loss`: the NCA or InfoNCA loss and its metrics, instead of GRPO's clipped surrogate. The policy forward
   is GRPO's `_get_per_token_logps_and_entropies`, given every batch field that GRPO's own `_compute_loss` gives it
@@ -43,9 +44,6 @@ from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import (
     add_fused_lm_head,
     get_config_model_id,
-    split_pixel_values_by_grid,
-    split_tensor_dict,
-    unsplit_pixel_values_by_grid,
 )
 
 from .dropout import disable_dropout, has_active_dropout
@@ -59,7 +57,6 @@ from .online_groups import (
     checked_reward,
     group_labels,
     named_datasets,
-    shuffle_groups,
 )
 from .rewards import check_reward_signature, named_reward, reward_name
 from .trainer import NCA_PAPER
@@ -248,22 +245,8 @@ class _OnlineKResponseTrainer(PromptSharingMixin, GRPOTrainer):
             self._logs["advantages"].pop()
         self._logs["advantages"].extend(weights.tolist())
 
-    # Replaces GRPOTrainer._prepare_inputs (TRL 1.16.0) to shuffle by whole groups; the rest is GRPO's buffering
-    def _prepare_inputs(self, generation_batch):
-        if not self.model.training:
-            return self._generate_and_score_completions(generation_batch)
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        if self._step % generate_every == 0 or self._buffered_inputs is None:
-            batch = self._generate_and_score_completions(generation_batch)
-            batch = shuffle_groups(split_pixel_values_by_grid(batch), self._shuffle_unit(len(generation_batch)))
-            batches = split_tensor_dict(batch, self.args.steps_per_generation)
-            self._buffered_inputs = [unsplit_pixel_values_by_grid(b) for b in batches]
-        return self._buffered_inputs[self._step % self.args.steps_per_generation]
-
-    def _shuffle_unit(self, size: int) -> int:
-        # Whole groups where a process holds whole groups (always for InfoNCA); NCA's loss is a sum over
-        # completions, so where a group spans processes, its completions are shuffled one by one, as GRPO does
-        return self.num_generations if size % self.num_generations == 0 else 1
+    def _shuffles_groups(self) -> bool:
+        return True  # always: InfoNCA's log-softmax needs whole groups, NCA's labels are per group
 
     # Extends GRPOTrainer._save_checkpoint (TRL 1.16.0): a checkpoint between two generations (steps_per_generation
     # above the accumulation steps, or num_iterations > 1) also holds the generated batch and the micro-step, which

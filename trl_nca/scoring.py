@@ -99,7 +99,7 @@ def _project(lm_head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return lm_head(hidden)
 
 
-def _log_probs_of_chunk(hidden, lm_head, labels, temperature, transform, fp32, entropy_grad):
+def _log_probs_of_chunk(hidden, lm_head, labels, temperature, transform, fp32, token_stats, entropy_grad):
     # GRPO's cast_lm_head_to_fp32: the head in float32 outside autocast (its own forward casts the weight)
     cast = torch.autocast(hidden.device.type, enabled=False) if fp32 else contextlib.nullcontext()
     with cast:
@@ -107,12 +107,15 @@ def _log_probs_of_chunk(hidden, lm_head, labels, temperature, transform, fp32, e
     if temperature != 1.0:  # GRPO scores completions at its sampling temperature
         logits = logits / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
+    chosen = log_probs.gather(-1, labels[:, None]).squeeze(-1)
+    if not token_stats:  # a reference or old-policy forward: log-probabilities only
+        return chosen, None, None
     # The entropy carries a gradient only when a loss uses it (GRPO's entropy_coef): it keeps (N x vocab) alive
     with contextlib.nullcontext() if entropy_grad else torch.no_grad():
         entropy = -(log_probs.exp() * log_probs).sum(-1)
     with torch.no_grad():
         is_top1 = log_probs.argmax(-1) == labels
-    return log_probs.gather(-1, labels[:, None]).squeeze(-1), entropy, is_top1
+    return chosen, entropy, is_top1
 
 
 def response_log_probs(
@@ -123,19 +126,21 @@ def response_log_probs(
     *,
     transform: LogitTransform = LogitTransform(),
     fp32: bool = False,
+    token_stats: bool = True,
     entropy_grad: bool = False,
 ):
     """`(log_probs, entropy, is_top1)` of `labels` `(N,)` under the head applied to `hidden` `(N, H)`: the model's
     logit `transform`, then division by `temperature`; float32, `CHUNK_TOKENS` rows of logits at a time; chunks past
     `KEEP_BYTES` of kept log-softmax are recomputed in the backward pass. `fp32` runs the head in float32 outside
-    autocast (GRPO's `cast_lm_head_to_fp32`); `entropy_grad` keeps the entropy's gradient."""
+    autocast (GRPO's `cast_lm_head_to_fp32`); `token_stats=False` computes the log-probabilities only (entropy and
+    is_top1 come back None: a reference forward needs neither); `entropy_grad` keeps the entropy's gradient."""
     device = lm_head.weight.device
     hidden, labels = hidden.to(device), labels.to(device)
     vocab = lm_head.out_features if hasattr(lm_head, "out_features") else lm_head.weight.size(0)
     pieces, kept = [], 0
     for start in range(0, hidden.size(0), CHUNK_TOKENS):
         chunk = (hidden[start : start + CHUNK_TOKENS], lm_head, labels[start : start + CHUNK_TOKENS])
-        settings = (temperature, transform, fp32, entropy_grad)
+        settings = (temperature, transform, fp32, token_stats, entropy_grad)
         kept += chunk[0].size(0) * vocab * 4
         if kept > KEEP_BYTES and torch.is_grad_enabled():
             pieces.append(
@@ -145,8 +150,10 @@ def response_log_probs(
             pieces.append(_log_probs_of_chunk(*chunk, *settings))
     if not pieces:
         empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0  # keeps the graph connected
+        if not token_stats:
+            return empty, None, None
         return empty, empty.detach(), torch.zeros(0, dtype=torch.bool, device=hidden.device)
-    return tuple(torch.cat(parts) for parts in zip(*pieces))
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*pieces))
 
 
 class _PrefixCache(DynamicCache):
@@ -278,12 +285,13 @@ def add_response_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     `response_input_ids`, `response_lengths`, `response_rows`, `response_calls`. Without `response_head` the forward
     is unchanged. The logits are the model's own (`LogitTransform`), divided by `temperature` (GRPO's sampling
     temperature; 1 for the offline trainers); `cast_lm_head_to_fp32` runs the head in float32 (GRPO's setting).
-    `entropy_grad=True` in a call keeps the entropy's gradient (GRPO's entropy regularisation)."""
+    `token_stats=False` in a call skips the entropy and top-1 flags (a reference forward), `entropy_grad=True` keeps
+    the entropy's gradient (GRPO's entropy regularisation)."""
     original_forward = model.forward
     head = dict(temperature=temperature, transform=LogitTransform.of(model.config), fp32=cast_lm_head_to_fp32)
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, response_head=False, labels=None, entropy_grad=False, **kwargs):
+    def forward(self, *args, response_head=False, labels=None, token_stats=True, entropy_grad=False, **kwargs):
         if not response_head:
             return (
                 original_forward(*args, labels=labels, **kwargs)
@@ -304,7 +312,9 @@ def add_response_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
                     kwargs["response_calls"],
                     kwargs.get("prompt_images"),
                 )
-            scored = response_log_probs(hidden, lm_head, targets, **head, entropy_grad=entropy_grad)
+            scored = response_log_probs(
+                hidden, lm_head, targets, **head, token_stats=token_stats, entropy_grad=entropy_grad
+            )
             log_probs, entropy, is_top1 = scored
             return ResponseHeadOutput(log_probs=log_probs, entropy=entropy, is_top1=is_top1)
         kwargs["use_cache"] = False
@@ -314,7 +324,7 @@ def add_response_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones
         states = outputs.last_hidden_state[:, -labels.size(1) - 1 : -1]
         log_probs, entropy, is_top1 = response_log_probs(
-            states[labelled], lm_head, labels[labelled], **head, entropy_grad=entropy_grad
+            states[labelled], lm_head, labels[labelled], **head, token_stats=token_stats, entropy_grad=entropy_grad
         )
         aux_loss = None
         if kwargs.get("output_router_logits"):

@@ -324,13 +324,16 @@ class _KResponseTrainer(DPOTrainer):
             if self._images:  # untokenized: the collator processes the images
                 self._signature_columns += ["prompt", "completions", "images", "image", "chat_template_kwargs"]
 
-    def _sequence_logps(self, model, inputs: dict, *, aux_loss: bool = False):
+    def _sequence_logps(self, model, inputs: dict, *, aux_loss: bool = False, token_stats: bool = False):
         """Summed log-probabilities of every response of the batch, `(N,)` in row-major order of `response_mask`,
         and the head's per-token outputs (`ResponseHeadOutput`, flat over the scored tokens) with each scored token's
         response. Tokens are summed by response, whatever the layout. `aux_loss` asks an MoE model for its router
-        loss (the policy's forward in `compute_loss`, never a reference forward)."""
+        loss (the policy's forward in `compute_loss`, never a reference forward); `token_stats` asks for the entropy
+        and top-1 flags of each token (the policy's metrics; a reference forward needs neither)."""
         extra = {"output_router_logits": aux_loss} if self.aux_loss_enabled else {}
-        outputs, owner = response_token_logps(model, inputs, head=self._head, mask_dtype=self._mask_dtype(), **extra)
+        outputs, owner = response_token_logps(
+            model, inputs, head=self._head, mask_dtype=self._mask_dtype(), token_stats=token_stats, **extra
+        )
         return sum_by_response(outputs.log_probs, owner, int(inputs["response_mask"].sum())), outputs, owner
 
     def _mask_dtype(self) -> torch.dtype:
@@ -421,7 +424,7 @@ class _KResponseTrainer(DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         response_mask = inputs["response_mask"]
-        policy_flat, outputs, owner = self._sequence_logps(model, inputs, aux_loss=True)
+        policy_flat, outputs, owner = self._sequence_logps(model, inputs, aux_loss=True, token_stats=True)
         policy_logps = self._per_response(policy_flat, response_mask).float()
         if self.precompute_ref_logps:
             ref_logps = inputs["ref_logps"].float()

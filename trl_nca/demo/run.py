@@ -56,7 +56,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls, **overrides) -> DemoSettings:
-        """The reduced mode (`make demo QUICK=1`): about a minute on 2 cores."""
+        """The reduced mode (`make demo QUICK=1`): about a minute and a half on 2 cores."""
         small = {"train_prompts": 8, "heldout_prompts": 16, "k": 4, "batch_size": 4, "steps": 2, "epochs": 1}
         return cls(**{**small, "trend_rows": 4, "max_new_tokens": 16, **overrides})
 
