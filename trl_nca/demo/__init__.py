@@ -5,9 +5,31 @@ Not part of the library: it needs the `demo` extra (`pip install 'trl-nca[demo]'
 benchmarks measure the same thing the demo does.
 """
 
-from .arithmetic import arithmetic_reward, extract_answer, heldout_problems, make_problems
-from .run import DemoSettings, heldout_accuracy, load_model, local_run_args, run_demo
-from .smollm2 import load_smollm2, materialize_smollm2, smollm2_gguf_path
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Each public name -> the module that defines it, imported on first use (so that `trl-nca demo --help` loads no
+# torch or transformers)
+_EXPORTS = {
+    **dict.fromkeys(["arithmetic_reward", "extract_answer", "heldout_problems", "make_problems"], "arithmetic"),
+    **dict.fromkeys(["DemoSettings", "heldout_accuracy", "load_model", "local_run_args", "run_demo"], "run"),
+    **dict.fromkeys(["load_smollm2", "materialize_smollm2", "smollm2_gguf_path"], "smollm2"),
+}
+
+if TYPE_CHECKING:
+    from .arithmetic import arithmetic_reward, extract_answer, heldout_problems, make_problems
+    from .run import DemoSettings, heldout_accuracy, load_model, local_run_args, run_demo
+    from .smollm2 import load_smollm2, materialize_smollm2, smollm2_gguf_path
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "DemoSettings",

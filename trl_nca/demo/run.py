@@ -18,8 +18,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
-
 from ..config_fields import REFERENCES
 from .arithmetic import arithmetic_reward, extract_answer, heldout_problems, make_problems
 
@@ -63,6 +61,7 @@ class DemoSettings:
 
 def load_model(model_dir: str):
     """`(model, tokenizer)`: SmolLM2 from its materialised folder (made on first use), float32, on the GPU if any."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .smollm2 import materialize_smollm2
@@ -217,6 +216,8 @@ def _mean(values):
 
 
 def run_demo(settings: DemoSettings) -> dict:
+    import torch  # here, not at import: `trl-nca demo --help` loads no torch
+
     from ..plotting import plot_log_history
 
     if settings.mode not in MODES:
