@@ -54,8 +54,9 @@ class NCAConfig(NCAFields, DPOConfig):
             `"on"`: the cheaper of `"mask"` and `"cache"` for each batch. `"auto"`: the cheapest of the three for each
             batch by a cost model, among those the model and settings allow (the others named in one warning).
             Where a layout cannot work (`keep_end` truncation, an MoE router loss, prompt-learning PEFT, reentrant
-            gradient checkpointing or sliding-window attention for `"cache"`, a prompt left without a token of its
-            own), `"auto"` leaves it out and naming it raises a `ValueError` with the reason.
+            gradient checkpointing for `"cache"`, what the model's architecture cannot express: windowed attention
+            for `"mask"`, convolution or state-space layers for both, see docs/architectures.md; a prompt left without
+            a token of its own), `"auto"` leaves it out and naming it raises a `ValueError` with the reason.
     """
 
     def __post_init__(self):

@@ -156,8 +156,9 @@ def choose_layout(
 
     `mask` needs an attention implementation in `SUPPORTED_ATTENTION`; both prompt-sharing layouts need `keep_start`
     truncation and no MoE router loss (its load-balancing term reads a 2D attention mask), and are out for the reason
-    `shared_blocker` gives, if any (prompt-learning PEFT); `cache` is also out for the reason `cache_blocker` gives, if
-    any (a sliding-window model, reentrant gradient checkpointing, sharded parameters); `image_blockers` rules out
+    `shared_blocker` gives, if any (prompt-learning PEFT, layers that are not attention, a prefix-LM); `cache` is also
+    out for the reason `cache_blocker` gives, if any (reentrant gradient checkpointing, sharded parameters), and `mask`
+    for the reason `mask_blocker` gives (windowed attention, no position ids, ALiBi); `image_blockers` rules out
     the layouts a vision-language model cannot take image rows in (`images_blocker`). A setting that names a layout
     which cannot work raises a `ValueError` with the reason.
     """
