@@ -7,8 +7,9 @@ benchmarks measure the same thing the demo does.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_getattr
 
 # Each public name -> the module that defines it, imported on first use (so that `trl-nca demo --help` loads no
 # torch or transformers)
@@ -24,12 +25,7 @@ if TYPE_CHECKING:
     from .smollm2 import load_smollm2, materialize_smollm2, smollm2_gguf_path
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)
 
 __all__ = [
     "DemoSettings",
