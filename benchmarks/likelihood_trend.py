@@ -62,10 +62,10 @@ def main(argv=None):
     from trl_nca.demo import (
         arithmetic_reward,
         heldout_accuracy,
-        heldout_problems,
         load_model,
         local_run_args,
         make_problems,
+        fixed_test_set,
     )
     from trl_nca.generation import build_reward_dataset
 
@@ -75,7 +75,7 @@ def main(argv=None):
     base, tokenizer = load_model(args.model_dir)
 
     train_problems = make_problems(args.train_prompts, seed=args.seed)
-    heldout = heldout_problems(args.heldout_prompts, seed=args.seed)
+    heldout = fixed_test_set(args.heldout_prompts)
     train_rows, _ = build_reward_dataset(
         base, tokenizer, train_problems, arithmetic_reward, k=args.k, seed=args.seed, max_new_tokens=40
     )

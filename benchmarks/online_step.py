@@ -13,8 +13,16 @@ process, the methods of a cell back to back.
 
 `--whole` adds one cell timed as a whole step with real sampling (generation included), for each method.
 
+`--steps_per_generation N` times GRPO's default schedule instead: the generation batch (`--prompts` x K rows) is
+shuffled and split into N micro-batches by the trainer's own `_prepare_inputs` (GRPO: by completion; trl-nca's
+trainers: by whole group), then N x (loss + backward); the old-log-prob forward that GRPO adds when N > 1 is part of
+the step (the rollout's random tokens make generation itself nearly free). Methods: `grpo` (GRPOTrainer), `nca`
+(OnlineNCATrainer) and `psgrpo` (PromptSharingGRPOTrainer, GRPO's loss with each prompt encoded once per group).
+`--sync_debug` (CUDA) counts the host synchronisations of a timed step with `torch.cuda.set_sync_debug_mode("warn")`.
+
     python benchmarks/online_step.py --cells 8x256x256,8x64x128          # K x P x C
     python benchmarks/online_step.py --json benchmarks/results/online_step_cpu.json
+    python benchmarks/online_step.py --cells 8x256x256 --prompts 4 --steps_per_generation 4 --methods grpo,psgrpo
 """
 
 from __future__ import annotations
@@ -62,18 +70,19 @@ def constant_spread(prompts, completions, **kwargs):
     return [float(i % 3) for i in range(len(completions))]
 
 
-def build(method, model, tokenizer, k, prompts, p, c, rollout, device, whole=False):
+def build(method, model, tokenizer, k, prompts, p, c, rollout, device, whole=False, steps_per_generation=1):
     from datasets import Dataset
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from trl_nca import OnlineNCAConfig, OnlineNCATrainer
+    from trl_nca import OnlineNCAConfig, OnlineNCATrainer, PromptSharingGRPOTrainer
     from trl_nca.demo import local_run_args
 
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"question {i}"}]} for i in range(prompts)])
     settings = dict(
         output_dir="/tmp/online_step",
-        per_device_train_batch_size=k * prompts,
+        per_device_train_batch_size=k * prompts // steps_per_generation,
+        steps_per_generation=steps_per_generation,
         num_generations=k,
         max_completion_length=c,
         disable_tqdm=True,
@@ -85,7 +94,33 @@ def build(method, model, tokenizer, k, prompts, p, c, rollout, device, whole=Fal
                   peft_config=lora, rollout_func=None if whole else rollout)  # fmt: skip
     if method == "grpo":
         return GRPOTrainer(args=GRPOConfig(**settings), **kwargs)
+    if method == "psgrpo":
+        return PromptSharingGRPOTrainer(args=GRPOConfig(**settings), **kwargs)
     return OnlineNCATrainer(args=OnlineNCAConfig(**settings), **kwargs)
+
+
+def timed_steps(step, steps: int, device, sync_debug: bool) -> tuple[list[float], list[int]]:
+    """Seconds of each step after one warm-up, and (with `sync_debug` on CUDA) the host synchronisations of each."""
+    import warnings
+
+    times, syncs = [], []
+    for index in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if sync_debug and device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            started = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+        if index:
+            times.append(elapsed)
+            syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+    return times, syncs
 
 
 def worker(method, cell, args):
@@ -96,50 +131,57 @@ def worker(method, cell, args):
     model, tokenizer = load_model(args.model_dir)
     device = next(model.parameters()).device
     rollout = random_rollout(p, c, len(tokenizer), seed=1)
-    trainer = build(method, model, tokenizer, k, args.prompts, p, c, rollout, device, whole=args.whole_worker)
+    trainer = build(method, model, tokenizer, k, args.prompts, p, c, rollout, device, whole=args.whole_worker,
+                    steps_per_generation=args.steps_per_generation)  # fmt: skip
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # Trainer sets it in its training loop
     rows = [trainer.train_dataset[i // k] for i in range(k * args.prompts)]
+    layout, syncs = None, []
     if args.whole_worker:  # a whole step: generation (real sampling), scoring, loss and backward
-        times = []
+
+        def step():
+            batch = trainer._generate_and_score_completions(rows)
+            trainer.compute_loss(trainer.model, batch).backward()
+            trainer.model.zero_grad()
+
         with peak_memory(device) as memory:
-            for step in range(args.steps + 1):
-                started = time.perf_counter()
-                batch = trainer._generate_and_score_completions(rows)
-                trainer.compute_loss(trainer.model, batch).backward()
-                trainer.model.zero_grad()
-                if step:
-                    times.append(time.perf_counter() - started)
-        layout = None
+            times, syncs = timed_steps(step, args.steps, device, args.sync_debug)
     else:
-        batch = trainer._generate_and_score_completions(rows)
-        assert batch["completion_ids"].shape == (k * args.prompts, c), batch["completion_ids"].shape
-        times = []
-        with peak_memory(device) as memory:
-            for step in range(args.steps + 1):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                started = time.perf_counter()
+        if args.steps_per_generation == 1:
+            batch = trainer._generate_and_score_completions(rows)
+            assert batch["completion_ids"].shape == (k * args.prompts, c), batch["completion_ids"].shape
+
+            def step():
                 trainer.compute_loss(trainer.model, batch).backward()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
                 trainer.model.zero_grad()
-                if step:
-                    times.append(time.perf_counter() - started)
+
+        else:  # GRPO's schedule: the trainer shuffles and splits the generation batch itself
+
+            def step():
+                for _ in range(args.steps_per_generation):
+                    inputs = trainer._prepare_inputs(rows)
+                    trainer.compute_loss(trainer.model, inputs).backward()
+                trainer.model.zero_grad()
+
+        with peak_memory(device) as memory:
+            times, syncs = timed_steps(step, args.steps, device, args.sync_debug)
         counts = getattr(getattr(trainer, "_group_collator", None), "counts", None)
         layout = max(counts, key=counts.get) if counts else ("padded" if method == "grpo" else None)
     record = {"method": method, "cell": cell, "k": k, "p": p, "c": c, "prompts": args.prompts,
               "step_s": statistics.median(times), "peak_mem_mb": round(memory["peak_mb"], 1), "layout": layout,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "whole": args.whole_worker}  # fmt: skip
+              "whole": args.whole_worker, "steps_per_generation": args.steps_per_generation,
+              "syncs_per_step": syncs if args.sync_debug and device.type == "cuda" else None}  # fmt: skip
     print("RECORD " + json.dumps(record), flush=True)
 
 
 def run_cell(cell, whole, args):
     records = {}
-    for method in METHODS:
+    for method in args.methods.split(","):
         command = [sys.executable, __file__, "--worker", method, cell, "--steps", str(args.steps),
-                   "--prompts", str(args.prompts), "--model_dir", args.model_dir]  # fmt: skip
+                   "--prompts", str(args.prompts), "--model_dir", args.model_dir,
+                   "--steps_per_generation", str(args.steps_per_generation)]  # fmt: skip
+        command += ["--sync_debug"] if args.sync_debug else []
         command += ["--whole_worker"] if whole else []
         run = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in run.stdout.splitlines() if line.startswith("RECORD ")]
@@ -158,7 +200,7 @@ def records_cell(records) -> str:
     return f"{k} | {p} | {c}"
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", default=",".join(GRID), help="K x P x C, comma-separated")
     parser.add_argument("--prompts", type=int, default=1, help="prompts per step (groups of K)")
@@ -166,9 +208,17 @@ def main(argv=None):
     parser.add_argument("--whole", default=None, help="a cell to time as a whole step with generation too")
     parser.add_argument("--model_dir", default="runs/smollm2")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--methods", default=",".join(METHODS), help="of grpo, nca, psgrpo; the first is the baseline")
+    parser.add_argument("--steps_per_generation", type=int, default=1,
+                        help="micro-batches per generation, split by the trainer (GRPO's schedule)")
+    parser.add_argument("--sync_debug", action="store_true", help="count host syncs per step (CUDA)")
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--whole_worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.worker:
         worker(*args.worker, args)
         return
@@ -177,26 +227,33 @@ def main(argv=None):
         records = run_cell(cell, False, args)
         rows.append(records)
     whole = run_cell(args.whole, True, args) if args.whole else None
-    device = next((r["nca"]["device"] for r in rows if "device" in r["nca"]), "?")
-    print(f"\nSmolLM2-135M-Instruct + LoRA r=16, {device}, {args.prompts} prompt(s) x K per step, "
-          f"median of {args.steps} steps (loss + backward of the fixed batch)\n")  # fmt: skip
-    print("| K | prompt | completion | NCA layout | GRPO (s) | NCA (s) | time ratio | ideal token ratio | "
-          "GRPO mem (MB) | NCA mem (MB) | memory ratio |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    base, others = args.methods.split(",")[0], args.methods.split(",")[1:]
+    device = next((r[m]["device"] for r in rows for m in r if "device" in r[m]), "?")
+    print(f"\nSmolLM2-135M-Instruct + LoRA r=16, {device}, {args.prompts} prompt(s) x K per generation, "
+          f"{args.steps_per_generation} micro-batch(es) per generation, median of {args.steps} steps "
+          f"(loss + backward of the fixed batch)\n")  # fmt: skip
+    print("| K | prompt | completion | method | layout | baseline (s) | method (s) | time ratio | ideal token ratio | "
+          "baseline mem (MB) | method mem (MB) | memory ratio | syncs per step |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for records in rows:
-        g, n = records["grpo"], records["nca"]
-        if "failed" in g or "failed" in n:
-            print(f"| {records_cell(records)} | GRPO: {g.get('failed', 'ok')}; NCA: {n.get('failed', 'ok')} |")
-            continue
-        ideal = (n["p"] + n["k"] * n["c"]) / (n["k"] * (n["p"] + n["c"]))
-        memory = n["peak_mem_mb"] / g["peak_mem_mb"] if g["peak_mem_mb"] else float("nan")
-        print(f"| {n['k']} | {n['p']} | {n['c']} | {n['layout']} | {g['step_s']:.2f} | {n['step_s']:.2f} | "
-              f"{n['step_s'] / g['step_s']:.2f} | {ideal:.2f} | {g['peak_mem_mb']:.0f} | {n['peak_mem_mb']:.0f} | "
-              f"{memory:.2f} |")  # fmt: skip
+        g = records[base]
+        for method in others:
+            n = records[method]
+            if "failed" in g or "failed" in n:
+                print(f"| {records_cell(records)} | {method} | {base}: {g.get('failed', 'ok')}; "
+                      f"{method}: {n.get('failed', 'ok')} |")  # fmt: skip
+                continue
+            ideal = (n["p"] + n["k"] * n["c"]) / (n["k"] * (n["p"] + n["c"]))
+            memory = n["peak_mem_mb"] / g["peak_mem_mb"] if g["peak_mem_mb"] else float("nan")
+            print(f"| {n['k']} | {n['p']} | {n['c']} | {method} vs {base} | {n['layout']} | {g['step_s']:.2f} | "
+                  f"{n['step_s']:.2f} | {n['step_s'] / g['step_s']:.2f} | {ideal:.2f} | {g['peak_mem_mb']:.0f} | "
+                  f"{n['peak_mem_mb']:.0f} | {memory:.2f} | {n.get('syncs_per_step')} vs {g.get('syncs_per_step')} |")
     if whole:
-        g, n = whole["grpo"], whole["nca"]
-        print(f"\nWhole step with generation, {args.whole}: GRPO {g['step_s']:.1f} s, NCA {n['step_s']:.1f} s "
-              f"(ratio {n['step_s'] / g['step_s']:.2f})")  # fmt: skip
+        g = whole[base]
+        for method in others:
+            n = whole[method]
+            print(f"\nWhole step with generation, {args.whole}: {base} {g['step_s']:.1f} s, {method} "
+                  f"{n['step_s']:.1f} s (ratio {n['step_s'] / g['step_s']:.2f})")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"cells": rows, "whole": whole, "settings": vars(args)}, indent=2))
 

@@ -50,7 +50,7 @@ from online_tasks import score_answers, task  # noqa: E402
 
 METHODS = ("nca", "grpo", "offline-nca", "infonca")
 # the settings that name a method's objective; each record keeps their values
-RESOLVED = ("reward_temperature", "beta", "reference", "loss_type", "scale_rewards", "num_iterations", "epsilon",
+RESOLVED = ("learning_rate", "reward_temperature", "beta", "reference", "loss_type", "scale_rewards", "num_iterations", "epsilon",
             "num_generations")  # fmt: skip
 
 
@@ -98,31 +98,33 @@ class HeldoutCurve(TrainerCallback):
                                 **scores})  # fmt: skip
 
 
-def run(method_spec: str, task_name: str, seed: int, args, base, tokenizer, start_scores) -> dict:
+def run(method_spec: str, task_name: str, seed: int, args, base, tokenizer, evaluation, start_scores) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
-    from trl_nca import NCAConfig, NCATrainer, OnlineInfoNCATrainer, OnlineNCAConfig, OnlineNCATrainer
+    from trl_nca import (NCAConfig, NCATrainer, OnlineInfoNCATrainer, OnlineNCAConfig, OnlineNCATrainer,
+                         PromptSharingGRPOTrainer)  # fmt: skip
     from trl_nca.demo import local_run_args
     from trl_nca.generation import build_reward_dataset
 
+    wall = time.time()
     method, knobs = parse_method(method_spec)
     k = int(knobs.pop("k", args.k))
+    learning_rate = float(knobs.pop("learning_rate", args.learning_rate))
     per_step = args.prompts_per_step * args.k  # completions per generation, equal for every method and knob
     prompts_per_step = per_step // k
     # num_iterations > 1 reuses each generation for that many optimizer steps: the run takes that many times the
     # steps, so that it generates as many completions as the others
     iterations = int(knobs.get("num_iterations", 1))
     steps = args.steps * iterations
-    make, heldout_of, reward = task(task_name)
-    prompts = make(args.steps * prompts_per_step, seed)
-    heldout = heldout_of(args.heldout_prompts, seed)
-    evaluate = evaluator(tokenizer, heldout)
+    the_task = task(task_name)
+    prompts = the_task.train(args.steps * prompts_per_step, seed)  # the train side only
+    evaluate = evaluator(tokenizer, evaluation)
     out = Path(args.out) / f"{task_name}-{seed}-{method_spec}"
     torch.manual_seed(seed)
     lora = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
-    common = dict(learning_rate=args.learning_rate, max_steps=steps, disable_tqdm=True,
+    common = dict(learning_rate=learning_rate, max_steps=steps, disable_tqdm=True,
                   **local_run_args(seed, torch.cuda.is_available()))  # fmt: skip
     micro = min(per_step, 32)
     online = dict(common, per_device_train_batch_size=micro, gradient_accumulation_steps=per_step // micro,
@@ -133,47 +135,57 @@ def run(method_spec: str, task_name: str, seed: int, args, base, tokenizer, star
     start_point = {"step": 0, "completions": 0, "seconds": 0.0, **start_scores}
     started = time.time()
     if method == "offline-nca":
-        dataset, _ = build_reward_dataset(model, tokenizer, prompts, reward, k=k, temperature=args.temperature,
-                                          max_new_tokens=args.max_new_tokens, seed=seed)  # fmt: skip
+        dataset, _ = build_reward_dataset(model, tokenizer, prompts, the_task.reward, k=k,
+                                          temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                          seed=seed)  # fmt: skip
         sampling = time.time() - started
         curve = HeldoutCurve(evaluate, at_steps, 0, before=len(prompts) * k, start={**start_point})
         curve.points[0]["completions"] = len(prompts) * k
         curve.points[0]["seconds"] = round(sampling, 1)
         curve.paused -= sampling  # the sampling time counts
         config = NCAConfig(output_dir=str(out), **common, per_device_train_batch_size=prompts_per_step,
-                           beta=0.1, reward_temperature=0.1, max_length=256, **knobs)  # fmt: skip
+                           beta=0.1, max_length=256, **knobs)  # fmt: skip
         trainer = NCATrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=lora)  # fmt: skip
     else:
         curve = HeldoutCurve(evaluate, at_steps, per_step / iterations, start=start_point)
         train = Dataset.from_list(prompts)
         if method == "grpo":
+            # TRL's GRPO objective and GRPOConfig's defaults; PromptSharingGRPOTrainer computes the same log-probs
+            # in less time (docs/online.md); here a generation is one micro-batch, so the sampling order is GRPO's
             config = GRPOConfig(output_dir=str(out), **online, **knobs)
-            trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=train,
-                                  processing_class=tokenizer, peft_config=lora)  # fmt: skip
+            trainer = PromptSharingGRPOTrainer(model=model, reward_funcs=the_task.reward, args=config,
+                                               train_dataset=train, processing_class=tokenizer,
+                                               peft_config=lora)  # fmt: skip
         else:
             cls = OnlineNCATrainer if method == "nca" else OnlineInfoNCATrainer
             if knobs.pop("logratio", "sum") == "mean":
                 cls = length_normalized(cls)
             config = OnlineNCAConfig(output_dir=str(out), **online, **knobs)
-            trainer = cls(model=model, reward_funcs=reward, args=config, train_dataset=train,
+            trainer = cls(model=model, reward_funcs=the_task.reward, args=config, train_dataset=train,
                           processing_class=tokenizer, peft_config=lora)  # fmt: skip
     trainer.add_callback(curve)
     trainer.train()
-    rewards = [e["reward"] for e in trainer.state.log_history if "reward" in e]
+    history = trainer.state.log_history
+    rewards = [e["reward"] for e in history if "reward" in e]
     return {
         "task": task_name,
         "seed": seed,
         "method": method_spec,
+        "split": args.split,
         "points": curve.points,
         "final": {key: curve.points[-1][key] for key in ("strict", "anywhere", "by_kind")},
         "completions": curve.points[-1]["completions"],
         "train_seconds": curve.points[-1]["seconds"],
+        "wall_seconds": round(time.time() - wall, 1),
+        "grad_norm": [e["grad_norm"] for e in history if "grad_norm" in e],
         "sample_reward_first_last": [rewards[0], rewards[-1]] if rewards else None,
-        # what the method's name resolved to, so that a record still says what ran after a default changes
+        "train_questions": [p["prompt"][0]["content"] for p in prompts],
+        # what ran, resolved: the method's settings, then the whole training config
         "config": {
             key: json.loads(json.dumps(getattr(config, key), default=str)) for key in RESOLVED if hasattr(config, key)
         },
+        "training_args": json.loads(json.dumps(config.to_dict(), default=str)),
     }
 
 
@@ -191,13 +203,13 @@ def length_normalized(cls):
     return LengthNormalized
 
 
-def evaluator(tokenizer, heldout):
+def evaluator(tokenizer, questions):
     from trl_nca.generation import generate
 
     def evaluate(model):
-        answers = generate(model, tokenizer, [p["prompt"] for p in heldout], max_new_tokens=40, batch_size=32,
-                           desc="held-out")  # fmt: skip
-        return score_answers([a[0] for a in answers], heldout)
+        answers = generate(model, tokenizer, [p["prompt"] for p in questions], max_new_tokens=40, batch_size=64,
+                           desc="evaluation")  # fmt: skip
+        return score_answers([a[0] for a in answers], questions)
 
     return evaluate
 
@@ -229,9 +241,17 @@ def completions_to_reach(runs: list[dict], target: float) -> int | None:
     return reached
 
 
+def _spread(values: list[float]) -> str:
+    return f"{statistics.stdev(values):.3f}" if len(values) > 1 else "n/a"
+
+
 def summarize(records: list[dict], plot_path: str | None) -> str:
-    lines = ["| task | method | seeds | start strict | end strict (mean ± sd) | change | end anywhere | completions "
-             "| train s (median) | completions until at GRPO's end for good |",
+    """The table per (task, method), the best setting per method on validation records, and on test records the
+    paired comparison of every method with the task's GRPO run (the primary endpoint)."""
+    split = {r.get("split", "heldout") for r in records}
+    lines = [f"Records: {len(records)} runs, evaluated on: {', '.join(sorted(split))}", "",
+             "| task | method | seeds | start strict | end strict (mean ± sd) | change | end anywhere | completions "
+             "| train s (median) | grad norm (median) |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     groups: dict[tuple[str, str], list[dict]] = {}
     for record in records:
@@ -240,17 +260,12 @@ def summarize(records: list[dict], plot_path: str | None) -> str:
         start = [r["points"][0]["strict"] for r in runs]
         end = [r["final"]["strict"] for r in runs]
         anywhere = [r["final"]["anywhere"] for r in runs]
-        change = [e - s for s, e in zip(start, end)]
-        sd = statistics.stdev(end) if len(end) > 1 else 0.0
-        grpo = groups.get((task_name, "grpo"))
-        reach = "-"
-        if grpo and method != "grpo":
-            needed = completions_to_reach(runs, statistics.mean(r["final"]["strict"] for r in grpo))
-            reach = "not reached" if needed is None else f"{needed} ({needed / grpo[0]['completions']:.0%})"
+        norms = [n for r in runs for n in r.get("grad_norm", [])]
         lines.append(
             f"| {task_name} | {method} | {len(runs)} | {statistics.mean(start):.3f} | {statistics.mean(end):.3f} ± "
-            f"{sd:.3f} | {statistics.mean(change):+.3f} | {statistics.mean(anywhere):.3f} | {runs[0]['completions']} "
-            f"| {statistics.median(r['train_seconds'] for r in runs):.0f} | {reach} |"
+            f"{_spread(end)} | {statistics.mean(end) - statistics.mean(start):+.3f} | {statistics.mean(anywhere):.3f} "
+            f"| {runs[0]['completions']} | {statistics.median(r['train_seconds'] for r in runs):.0f} "
+            f"| {statistics.median(norms) if norms else float('nan'):.3f} |"
         )
     lines += ["", "Per kind (start strict -> end strict / end anywhere, mean over seeds):", ""]
     for (task_name, method), runs in sorted(groups.items()):
@@ -259,12 +274,110 @@ def summarize(records: list[dict], plot_path: str | None) -> str:
         for kind in kinds:
             strict = statistics.mean(r["final"]["by_kind"][kind]["strict"] for r in runs)
             anywhere = statistics.mean(r["final"]["by_kind"][kind]["anywhere"] for r in runs)
-            start = statistics.mean(r["points"][0]["by_kind"][kind]["strict"] for r in runs)
-            cells.append(f"{kind} {start:.2f}->{strict:.2f}/{anywhere:.2f}")
+            first = statistics.mean(r["points"][0]["by_kind"][kind]["strict"] for r in runs)
+            n = runs[0]["final"]["by_kind"][kind].get("n", "?")
+            cells.append(f"{kind} (n={n}) {first:.2f}->{strict:.2f}/{anywhere:.2f}")
         lines.append(f"- {task_name} {method}: " + ", ".join(cells))
+    if split == {"validation"}:
+        lines += ["", "Best setting per method and task on the validation set (mean end strict over the tuning seeds):",
+                  ""]  # fmt: skip
+        best: dict[tuple[str, str], tuple[float, str]] = {}
+        for (task_name, method), runs in groups.items():
+            score = statistics.mean(r["final"]["strict"] for r in runs)
+            key = (task_name, parse_method(method)[0])
+            if key not in best or score > best[key][0]:
+                best[key] = (score, method)
+        lines += [f"- {t} {m}: {spec} ({score:.3f})" for (t, m), (score, spec) in sorted(best.items())]
+    elif any(r.get("split") == "test" for r in records):
+        lines += ["", *compare(groups)]
     if plot_path:
         plot(groups, plot_path)
     return "\n".join(lines)
+
+
+def _matrix(runs: list[dict], seeds: list[int], at: int | None = None, key: str = "each_strict"):
+    """Seeds x questions, 0/1: each run's per-question results at `at` completions (its last point if None)."""
+    import numpy as np
+
+    by_seed = {r["seed"]: r for r in runs}
+    rows = []
+    for seed in seeds:
+        points = by_seed[seed]["points"]
+        point = points[-1] if at is None else [p for p in points if p["completions"] <= at][-1]
+        rows.append([int(c) for c in point[key]])
+    return np.array(rows, dtype=float)
+
+
+def paired_interval(diff, resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """The mean of a seeds x questions matrix of paired differences, and a 95% percentile interval from a bootstrap
+    that resamples seeds and questions (both with replacement, the same questions for every seed): the spread of
+    the training runs and of the test set both count."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n_seeds, n_questions = diff.shape
+    means = np.empty(resamples)
+    for i in range(resamples):
+        seeds = rng.integers(0, n_seeds, n_seeds)
+        questions = rng.integers(0, n_questions, n_questions)
+        means[i] = diff[np.ix_(seeds, questions)].mean()
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
+
+
+def verdict(low: float, high: float, first: str, second: str, margin: float = 0.03) -> str:
+    if -margin <= low and high <= margin:
+        return f"tie (the interval lies inside ±{margin})"
+    if low > 0:
+        return f"{first} ahead"
+    if high < 0:
+        return f"{second} ahead"
+    return "not separated (the interval holds 0 and reaches past ±0.03)"
+
+
+def compare(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """Every method against its task's GRPO run, paired by seed (same training questions, same start) and by test
+    question. Primary endpoint: final strict accuracy on the test set at equal completions. Second target: the
+    method's accuracy at <= 75% of the completions against GRPO's final accuracy."""
+    import numpy as np
+
+    lines = ["Paired against GRPO (difference = method - GRPO; 95% bootstrap interval over seeds and questions):", "",
+             "| task | method | paired seeds | final difference [95% CI] | verdict | >= +0.03 with CI above 0 "
+             "| at <= 75% of completions - GRPO final [95% CI] | smallest effect detectable (80% power) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for task_name in sorted({t for t, _ in groups}):
+        baselines = [m for t, m in groups if t == task_name and parse_method(m)[0] == "grpo"]
+        if len(baselines) != 1:
+            continue
+        baseline = groups[(task_name, baselines[0])]
+        for (t, method), runs in sorted(groups.items()):
+            if t != task_name or method == baselines[0]:
+                continue
+            seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in baseline})
+            if not seeds:
+                continue
+            diff = _matrix(runs, seeds) - _matrix(baseline, seeds)
+            mean, low, high = paired_interval(diff)
+            target = "met" if mean >= 0.03 and low > 0 else "not met"
+            total = runs[0]["completions"]
+            early = [p["completions"] for p in runs[0]["points"] if 0 < p["completions"] <= 0.75 * total]
+            if early:
+                e_mean, e_low, e_high = paired_interval(_matrix(runs, seeds, at=early[-1]) - _matrix(baseline, seeds))
+                early_text = f"at {early[-1]}: {e_mean:+.3f} [{e_low:+.3f}, {e_high:+.3f}]"
+            else:
+                early_text = "not scored"
+            per_seed = diff.mean(axis=1)
+            detectable = (
+                f"{2.8 * float(np.std(per_seed, ddof=1)) / len(seeds) ** 0.5:.3f}" if len(seeds) > 1 else "n/a"
+            )
+            lines.append(
+                f"| {task_name} | {method} vs {baselines[0]} | {len(seeds)} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] "
+                f"| {verdict(low, high, method, baselines[0])} | {target} | {early_text} | {detectable} |"
+            )
+            lines.append(
+                f"|  | per seed: {', '.join(f'{d:+.3f}' for d in per_seed)} |  |  |  |  |  |  |"
+            )
+    return lines
 
 
 def plot(groups, path):
@@ -277,20 +390,18 @@ def plot(groups, path):
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for axis, task_name in zip(axes[0], tasks):
         panel = [(method, runs) for (t, method), runs in sorted(groups.items()) if t == task_name]
-        panel.sort(key=lambda item: item[0].startswith("infonca"))  # drawn last, dashed, over NCA's identical line
-        # the knob study draws up to 11 lines a panel: tab20 then, tab10's stronger colours otherwise
         axis.set_prop_cycle(color=(plt.cm.tab10 if len(panel) <= 10 else plt.cm.tab20).colors)
         for method, runs in panel:
-            x, means, lows, highs, _ = zip(*mean_curve(runs))
-            # InfoNCA dashed: with the sampler reference it takes NCA's steps, and lines on top of each other
-            style = "--" if method.startswith("infonca") else "-"
-            line = axis.plot(x, means, marker="o", linestyle=style, label=f"{method} ({len(runs)} seeds)")[0]
-            axis.fill_between(x, lows, highs, alpha=0.12, color=line.get_color())
+            x, means, _, _, _ = zip(*mean_curve(runs))
+            line = axis.plot(x, means, marker="o", linewidth=2, label=f"{method} (mean of {len(runs)} seeds)")[0]
+            for record in runs:  # one thin line per seed
+                points = [(p["completions"], p["strict"]) for p in record["points"]]
+                axis.plot(*zip(*points), color=line.get_color(), alpha=0.25, linewidth=0.8)
         axis.set_title(task_name)
         axis.set_xlabel("completions generated")
-        axis.set_ylabel("held-out greedy accuracy (strict)")
+        axis.set_ylabel(f"{next(iter(groups.values()))[0].get('split', 'held-out')} accuracy (strict, greedy)")
         axis.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M + LoRA: mean over seeds, band = min..max")
+    fig.suptitle("SmolLM2-135M + LoRA: mean over seeds (thick), each seed (thin)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -298,18 +409,21 @@ def plot(groups, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; knobs in brackets")
-    parser.add_argument("--tasks", default="arithmetic,partial")
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default="nca,grpo", help="comma-separated; knobs in brackets")
+    parser.add_argument("--tasks", default="arithmetic,twodigit")
+    parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9")
+    parser.add_argument("--split", default="test", choices=("validation", "test"),
+                        help="where the runs are scored: validation for tuning, test for the reported study")
+    parser.add_argument("--eval_prompts", type=int, default=None,
+                        help="size of the fixed evaluation set (default: 256 test, 128 validation)")
     parser.add_argument("--model_dir", default="runs/smollm2")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps (one generation each, online)")
     parser.add_argument("--prompts_per_step", type=int, default=4)
     parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--learning_rate", type=float, default=5e-4, help="unless the method sets learning_rate=")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--heldout_prompts", type=int, default=64)
-    parser.add_argument("--eval_every", type=int, default=2, help="held-out scores every this many generations")
+    parser.add_argument("--eval_every", type=int, default=8, help="scores every this many generations (and at the end)")
     parser.add_argument("--out", default="runs/online_vs_grpo")
     parser.add_argument(
         "--records",
@@ -321,8 +435,10 @@ def main(argv=None):
     )
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
+    if args.eval_prompts is None:
+        args.eval_prompts = 256 if args.split == "test" else 128
 
-    if args.summarize:  # several record files may be summarized together (the study and its knobs)
+    if args.summarize:  # several record files may be summarized together
         records = [json.loads(line) for p in args.records.split(",") for line in Path(p).read_text().splitlines()]
         tasks, methods = args.tasks.split(","), split_methods(args.methods)
         records = [r for r in records if r["task"] in tasks and r["method"] in methods]
@@ -330,27 +446,45 @@ def main(argv=None):
         return
     path = Path(args.records)
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    for record in records:  # one file, one evaluation set: a tuning run is never summarized as a test run
+        scored = (record.get("split"), record["settings"].get("eval_prompts"))
+        if scored != (args.split, args.eval_prompts):
+            raise SystemExit(f"{path} holds runs scored on {scored}, not on {(args.split, args.eval_prompts)}")
     from trl_nca.demo import load_model
 
     base, tokenizer = load_model(args.model_dir)
     done = {(r["task"], r["seed"], r["method"]) for r in records}
     methods = split_methods(args.methods)
+    starts: dict[str, dict] = {}
     # seeds outermost, so that an interrupted study has every method on the first seeds
     for seed in [int(s) for s in args.seeds.split(",")]:
         for task_name in args.tasks.split(","):
             todo = [m for m in methods if (task_name, seed, m) not in done]
             if not todo:
                 continue
-            _, heldout_of, _ = task(task_name)
-            start = evaluator(tokenizer, heldout_of(args.heldout_prompts, seed))(base)
+            evaluation = task(task_name).evaluation(args.split, args.eval_prompts)
+            if task_name not in starts:  # the start is the same model and set for every seed: scored once
+                starts[task_name] = start_scores(path, task_name, args, lambda: evaluator(tokenizer, evaluation)(base))
             for method in todo:
-                record = run(method, task_name, seed, args, base, tokenizer, start)
+                record = run(method, task_name, seed, args, base, tokenizer, evaluation, starts[task_name])
                 record["settings"] = {k: v for k, v in vars(args).items() if k not in ("records", "summarize")}
                 with path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 print(json.dumps({k: record[k] for k in ("task", "seed", "method", "final", "train_seconds")}),
                       flush=True)  # fmt: skip
-    print(summarize([json.loads(line) for line in path.read_text().splitlines()], args.plot))
+
+
+def start_scores(path: Path, task_name: str, args, score) -> dict:
+    """The starting model's scores on the evaluation set, kept beside the records (`PATH.start.json`) so that
+    parallel and resumed runs score it once."""
+    cache = Path(f"{path}.start.json")
+    key = f"{task_name}/{args.split}/{args.eval_prompts}/{args.model_dir}"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in known:
+        known[key] = score()
+        latest = json.loads(cache.read_text()) if cache.exists() else {}
+        cache.write_text(json.dumps({**latest, **known}))
+    return known[key]
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def measure(way, base, tokenizer, rows, steps, device, profile: int = 0):
     return statistics.median(times), tokens, response_tokens, memory["peak_mb"], layout
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", default="2,4,8")
     parser.add_argument("--ways", default=",".join(WAYS))
@@ -237,7 +237,11 @@ def main(argv=None):
         help="with --worker K WAY: profile one more step and print its N most expensive operators",
     )
     parser.add_argument("--worker", nargs=2, metavar=("K", "WAY"), help="run one (K, way) in this process")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.worker is None:
         return orchestrate(args)
 

@@ -1,6 +1,6 @@
-"""The pieces of `benchmarks/online_vs_grpo.py` that decide its numbers: the second task's reward, the two answer
-checks, the knob parser and method lists, the curves over seeds (and "completions to reach GRPO's end"), and the
-per-token knob."""
+"""The pieces of `benchmarks/online_vs_grpo.py` that decide its numbers: the tasks' rewards, the two answer checks
+and the per-question results, the knob parser and method lists, the curves over seeds (and "completions to reach
+GRPO's end"), the paired analysis against GRPO, and the per-token knob."""
 
 import sys
 from pathlib import Path
@@ -10,13 +10,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 
-from online_tasks import make_partial_problems, partial_reward, score_answers, task  # noqa: E402
+from online_tasks import partial_reward, score_answers, task  # noqa: E402
 from online_vs_grpo import (  # noqa: E402
+    compare,
     completions_to_reach,
     length_normalized,
     mean_curve,
+    paired_interval,
     parse_method,
     split_methods,
+    summarize,
+    verdict,
 )
 
 from trl_nca import OnlineNCATrainer  # noqa: E402
@@ -33,15 +37,17 @@ def test_partial_reward_has_three_levels_and_a_format_bonus():
     assert partial_reward(None, ["I think 12"], answer=[20], step=[None]) == pytest.approx([0.1])
 
 
-def test_partial_problems_are_reproducible_and_heldout_differs():
-    make, heldout, _ = task("partial")
-    assert make(20, 3) == make_partial_problems(20, 3)
-    train = {p["prompt"][0]["content"] for p in make(50, 0)}
-    held = {p["prompt"][0]["content"] for p in heldout(50, 0)}
-    assert train != held
-    for problem in make(30, 1):
+def test_partial_and_twodigit_questions_carry_their_reward_columns():
+    partial = task("partial").train(30, 1)
+    assert partial == task("partial").train(30, 1)
+    for problem in partial:
         expression = problem["prompt"][0]["content"].split("What is ")[1].split("?")[0]
-        assert eval(expression) == problem["answer"]  # the questions' own arithmetic
+        assert eval(expression) == problem["answer"]  # noqa: S307 - the questions' own arithmetic
+        first = expression.rsplit(" ", 2)[0] if problem["kind"] != "product" else None
+        assert problem["step"] == (None if first is None else eval(first))  # noqa: S307
+    for problem in task("twodigit").evaluation("test", 64):
+        a, op, b = problem["prompt"][0]["content"].split("What is ")[1].split("?")[0].split()
+        assert 10 <= int(a) <= 49 and 10 <= int(b) <= 49 and problem["answer"] > (0 if op == "-" else 19)
 
 
 def test_strict_and_anywhere_checks_differ_on_trailing_numbers():
@@ -51,6 +57,8 @@ def test_strict_and_anywhere_checks_differ_on_trailing_numbers():
     assert scores["anywhere"] == pytest.approx(2 / 3)
     assert scores["by_kind"]["sum"] == {"strict": 0.5, "anywhere": 1.0, "n": 2}
     assert scores["by_kind"]["product"]["anywhere"] == 0.0
+    # each question's result, in the questions' order, for the paired tests
+    assert scores["each_strict"] == "100" and scores["each_anywhere"] == "110"
 
 
 def test_parse_method_reads_knobs_and_refuses_unknown_methods():
@@ -134,3 +142,60 @@ def test_length_normalized_knob_is_nca_on_mean_token_logratios():
     assert grad_mean[4, 1:].abs().max() == 0
     assert torch.allclose(grad_mean, grad_sum / lengths[:, None], rtol=1e-5, atol=1e-9)
     assert not torch.allclose(grad_mean, grad_sum, rtol=1e-2)
+
+
+def _test_record(method, seed, final, early=None, total=256):
+    points = [{"completions": 0, "strict": 0.0, "each_strict": "0" * len(final)}]
+    if early is not None:
+        points.append({"completions": 192, "strict": early.count("1") / len(early), "each_strict": early})
+    points.append({"completions": total, "strict": final.count("1") / len(final), "each_strict": final})
+    for point in points:
+        point["anywhere"], point["by_kind"] = point["strict"], {}
+    return {"task": "t", "seed": seed, "method": method, "split": "test", "points": points, "final": points[-1],
+            "completions": total, "train_seconds": 1.0, "grad_norm": [0.5]}  # fmt: skip
+
+
+def test_paired_interval_resamples_seeds_and_questions():
+    import numpy as np
+
+    # every question of every seed one better: the interval is the point
+    assert paired_interval(np.ones((4, 10))) == (1.0, 1.0, 1.0)
+    # a seed effect: three seeds +0.5, one seed -0.5, the same on every question; the mean is 0.25, and resampling
+    # seeds gives an interval that reaches below 0 (four seeds cannot rule the bad seed out)
+    diff = np.array([[0.5] * 8, [0.5] * 8, [0.5] * 8, [-0.5] * 8])
+    mean, low, high = paired_interval(diff, resamples=4000)
+    assert mean == pytest.approx(0.25) and low == pytest.approx(-0.25) and high == pytest.approx(0.5)
+    # a question effect alone: one question of 20 differs on every seed; the interval covers 0 and 0.05..0.15
+    diff = np.zeros((5, 20))
+    diff[:, 0] = 1
+    mean, low, high = paired_interval(diff, resamples=4000)
+    assert mean == pytest.approx(0.05) and low == 0.0 and 0.1 <= high <= 0.2
+
+
+def test_verdict_says_tie_only_inside_the_margin():
+    assert verdict(-0.02, 0.025, "nca", "grpo") == "tie (the interval lies inside ±0.03)"
+    assert verdict(0.01, 0.09, "nca", "grpo") == "nca ahead"
+    assert verdict(-0.09, -0.01, "nca", "grpo") == "grpo ahead"
+    assert verdict(-0.05, 0.02, "nca", "grpo").startswith("not separated")
+
+
+def test_compare_pairs_by_seed_and_question_and_checks_both_targets():
+    grpo = [_test_record("grpo", s, "1100") for s in range(3)]
+    # NCA one question better on every seed, and at 192 completions already level with GRPO's end
+    nca = [_test_record("nca", s, "1110", early="1100") for s in range(3)]
+    nca.append(_test_record("nca", 9, "0000"))  # a seed GRPO has no run for: left out of the pairing
+    text = "\n".join(compare({("t", "grpo"): grpo, ("t", "nca"): nca}))
+    # 4 questions, one differs: resampling questions gives 0 to 3 copies of it
+    assert "| t | nca vs grpo | 3 | +0.250 [+0.000, +0.750] | not separated" in text
+    assert "at 192: +0.000 [+0.000, +0.000]" in text
+    assert "| not met |" in text  # the interval reaches 0: not "above 0"
+    assert "per seed: +0.250, +0.250, +0.250" in text
+
+
+def test_summarize_prints_na_for_the_spread_of_one_run_and_compares_on_test_records():
+    grpo = [_test_record("grpo", 0, "1000")]
+    nca = [_test_record("nca", 0, "1111")]
+    text = summarize(grpo + nca, None)
+    assert "| t | grpo | 1 | 0.000 | 0.250 ± n/a | +0.250 |" in text
+    # one seed: only the questions are resampled (3 of 4 differ by 1)
+    assert "nca vs grpo | 1 | +0.750 [+0.250, +1.000] | nca ahead | met | not scored | n/a |" in text

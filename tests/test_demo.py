@@ -17,11 +17,34 @@ needs_smollm2 = pytest.mark.skipif(
 
 
 @needs_smollm2
-def test_quick_demo_end_to_end(tmp_path, capsys, smollm2_folder):
+def test_quick_demo_end_to_end(tmp_path, capsys, smollm2_folder, monkeypatch):
     from trl_nca import cli
+    from trl_nca.demo import arithmetic, run
 
+    made = {}
+
+    def record(name, maker):
+        def wrapped(*args, **kwargs):
+            made[name] = maker(*args, **kwargs)
+            return made[name]
+
+        monkeypatch.setattr(run, name, wrapped)
+
+    record("make_problems", arithmetic.make_problems)
+    record("fixed_test_set", arithmetic.fixed_test_set)
+    scored, heldout_accuracy = [], run.heldout_accuracy
+
+    def scoring(model, tokenizer, problems):
+        scored.append(problems)
+        return heldout_accuracy(model, tokenizer, problems)
+
+    monkeypatch.setattr(run, "heldout_accuracy", scoring)
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--output_dir", str(out), "--model_dir", str(smollm2_folder)]) == 0
+    # the demo scores the fixed test set, before and after, and trains on questions none of whose facts it holds
+    assert scored == [made["fixed_test_set"]] * 2 and len(made["fixed_test_set"]) == 16
+    space = arithmetic.space()
+    assert not space.facts(made["make_problems"]) & space.facts(made["fixed_test_set"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == DemoSettings.mode == "online"
     assert summary["train_prompts"] == 8 and summary["heldout_prompts"] == 16 and summary["k"] == 4

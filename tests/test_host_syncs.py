@@ -64,6 +64,43 @@ def host_reads():
             setattr(torch.Tensor, name, original)
 
 
+@contextlib.contextmanager
+def device_copies():
+    """Count the calls that copy to a device (`Tensor.to(device)`, `.cuda()`, `torch.tensor(..., device=)`), by
+    the (file, function) that made them. On a GPU a copy from pageable memory blocks the host; the grouped forward's
+    copies go through `group_forward._to_device` (pinned, non-blocking), which is where they should be found."""
+    copies = collections.Counter()
+    to, cuda, tensor = torch.Tensor.to, torch.Tensor.cuda, torch.tensor
+
+    def names_a_device(args, kwargs):
+        values = [*args, *kwargs.values()]
+        return any(isinstance(v, (torch.device, str)) or isinstance(v, torch.Tensor) for v in values)
+
+    def record():
+        caller = sys._getframe(2).f_code
+        copies[(os.path.relpath(caller.co_filename, PACKAGE), caller.co_name)] += 1
+
+    def counted_to(self, *args, **kwargs):
+        if names_a_device(args, kwargs):
+            record()
+        return to(self, *args, **kwargs)
+
+    def counted_cuda(self, *args, **kwargs):
+        record()
+        return cuda(self, *args, **kwargs)
+
+    def counted_tensor(*args, **kwargs):
+        if kwargs.get("device") is not None:
+            record()
+        return tensor(*args, **kwargs)
+
+    torch.Tensor.to, torch.Tensor.cuda, torch.tensor = counted_to, counted_cuda, counted_tensor
+    try:
+        yield copies
+    finally:
+        torch.Tensor.to, torch.Tensor.cuda, torch.tensor = to, cuda, tensor
+
+
 def ours(reads) -> dict:
     """The reads made by trl_nca's code (not by the model's or by TRL's)."""
     return {site: count for site, count in reads.items() if not site[0].startswith("..")}
@@ -299,3 +336,57 @@ def test_online_router_loss_is_logged_from_the_device(tokenizer, tmp_path):
     expected = [(loss.item() - 2 * math.log(2)) / 0.5 for loss in losses]
     assert trainer.state.log_history[-1]["aux_loss"] == pytest.approx(sum(expected) / 2, rel=1e-5)
     assert expected[0] > 0.1
+
+
+def test_infonca_checks_whole_groups_on_the_device():
+    """The whole-group check of InfoNCA's loss reads nothing on the host (an async assert on the device), and still
+    stops a micro-batch that holds part of a group."""
+    trainer = object.__new__(OnlineInfoNCATrainer)
+    trainer.nca_beta, trainer.reward_temperature = 0.1, 1.0
+    logps = torch.randn(6, requires_grad=True)
+    inputs = {
+        "nca_rewards": torch.tensor([1.0, 0.0, 0.5, 0.2, 0.1, 1.0]),
+        "nca_valid": torch.ones(6, dtype=torch.bool),
+        "nca_group": torch.tensor([4, 4, 4, 9, 9, 9]),
+    }
+    with host_reads() as reads:
+        trainer._group_loss(logps, logps.detach(), inputs, 3)
+    assert ("online_trainer.py", "_group_loss") not in ours(reads)
+    inputs["nca_group"] = torch.tensor([4, 4, 9, 9, 9, 4])
+    with pytest.raises(RuntimeError, match="A micro-batch holds part of a group"):
+        trainer._group_loss(logps, logps.detach(), inputs, 3)
+
+
+@pytest.mark.parametrize("prompt_sharing", ["mask", "cache"])
+def test_an_online_forward_reads_the_device_once_whatever_k_and_rows(prompt_sharing, tokenizer, tmp_path):
+    """The grouped forward reads GRPO's ids and mask once (to find the groups); the layouts' plans are made on the
+    host (the cache layout's `CachePlan`), so the reads do not grow with rows or K. The first forward also runs the
+    layout check once, against GRPO's own forward."""
+    from test_group_forward import build as build_online
+    from test_group_forward import forward_inputs
+
+    counts = {}
+    for groups, k in [(1, 4), (2, 4), (4, 2), (2, 8)]:
+        trainer = build_online(OnlineNCATrainer, tokenizer, tmp_path / f"{groups}x{k}", prompt_sharing,
+                               num_generations=k, per_device_train_batch_size=groups * k)  # fmt: skip
+        trainer.model.train()
+        batch = scored_groups_of(trainer, groups, k)
+        ids, mask, keep = forward_inputs(batch)
+        for call in ("first", "later"):
+            with host_reads() as reads, device_copies() as copies:
+                trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep, compute_entropy=True)
+            counts[(groups, k, call)] = ours(reads), ours(copies)
+    for (groups, k, call), (reads, copies) in counts.items():
+        expected = {("group_forward.py", "group_rows"): 1}
+        if call == "first":
+            expected[("layout_check.py", "layout_mismatch")] = 1
+        assert reads == expected, (groups, k, call)
+        if call == "later":  # every copy from the host goes through the pinned, non-blocking `_to_device`;
+            # `response_log_probs` moves the model's hidden states to the head's device (device to device, a no-op
+            # on one GPU), which the count cannot tell from a host copy on this CPU
+            assert set(copies) - {("scoring.py", "response_log_probs")} == {("group_forward.py", "_to_device")}
+
+
+def scored_groups_of(trainer, groups, k):
+    rows = [trainer.train_dataset[i % len(trainer.train_dataset)] for i in range(groups) for _ in range(k)]
+    return trainer._generate_and_score_completions(rows)

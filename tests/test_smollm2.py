@@ -97,7 +97,7 @@ def test_every_layout_gives_the_same_loss_and_gradients_on_smollm2(smollm2, tmp_
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_prompt_layout_matches_separate_forwards_on_smollm2(attn, smollm2):
-    from trl_nca.layouts.shared_prompt import DataCollatorForSharedPrompt, attention_mask_for
+    from trl_nca.layouts.shared_prompt import DataCollatorForSharedPrompt, attention_mask_for, dense_mask
     from trl_nca.tokenization import tokenize_k_responses
 
     model, tokenizer = smollm2
@@ -108,7 +108,7 @@ def test_shared_prompt_layout_matches_separate_forwards_on_smollm2(attn, smollm2
         [{**row, "rewards": [0.0] * len(row["completion_ids"])} for row in rows]
     )
     with torch.no_grad():
-        mask = attention_mask_for(batch["attention_mask"], attn, torch.float32)
+        mask = attention_mask_for(dense_mask(batch["segment_ids"], batch["row_ids"]), attn, torch.float32)
         logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
         token_logps = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, batch["input_ids"][0, 1:, None])[:, 0]
         owner = batch["response_ids"][0, 1:]

@@ -51,7 +51,12 @@ def group_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_
     and GRPO's forward scores it from a padding position, which no layout reproduces (that batch goes to GRPO's
     forward)."""
     prompt_length = input_ids.size(1) - logits_to_keep
-    ids, mask = input_ids.tolist(), attention_mask.bool().tolist()
+    # one read of the device for ids and mask together (each read waits for the device's queue to drain)
+    both = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1).tolist()
+    ids, mask = (
+        [row[: input_ids.size(1)] for row in both],
+        [[bool(v) for v in row[input_ids.size(1) :]] for row in both],
+    )
     groups: dict[tuple[int, ...], int] = {}
     examples, members = [], []
     for b, (row, real) in enumerate(zip(ids, mask)):
@@ -71,13 +76,26 @@ def group_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_
     return examples, members
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory without blocking, so that the host goes on preparing
+    while the copy runs (the collators' tensors are O(tokens): pinning them is cheap)."""
+    if device.type != "cuda" or tensor.device == device:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def per_token(values: torch.Tensor, owner: torch.Tensor, order: list[int], shape) -> torch.Tensor:
     """Scatter the flat per-token `values` of the layout's responses (`owner`: each value's response, tokens of a
     response in order) into GRPO's `shape` `(rows, logits_to_keep)`; response n is batch row `order[n]`."""
     out = values.new_zeros(shape)
-    rows = torch.tensor(order, device=values.device)[owner]
+    rows = _to_device(torch.tensor(order), values.device)[owner]
+    # each response's token count by a scatter-add, not `bincount` (which reads its input's maximum on the host)
     starts = torch.zeros(len(order) + 1, dtype=torch.long, device=values.device)
-    starts[1:] = torch.bincount(owner, minlength=len(order)).cumsum(0)
+    starts[1:] = (
+        torch.zeros(len(order), dtype=torch.long, device=values.device)
+        .index_add_(0, owner, torch.ones_like(owner))
+        .cumsum(0)
+    )
     columns = torch.arange(len(owner), device=values.device) - starts[owner]
     return out.index_put((rows, columns), values)
 
@@ -207,7 +225,7 @@ def grouped_per_token(
         return None
     examples, members = grouped
     batch = collator(examples)
-    batch = {k: v.to(input_ids.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = {k: _to_device(v, input_ids.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     outputs, owner = response_token_logps(
         model, batch, head="response", mask_dtype=torch.float32, token_stats=token_stats, entropy_grad=entropy_grad
     )

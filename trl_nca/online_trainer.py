@@ -401,12 +401,14 @@ class OnlineInfoNCATrainer(_OnlineKResponseTrainer):
 
     def _group_loss(self, logps, ref_logps, inputs, group_size):
         group = inputs["nca_group"]
-        whole = len(group) % group_size == 0 and bool((group.view(-1, group_size) == group[::group_size, None]).all())
-        if not whole:
-            raise RuntimeError(
-                "A micro-batch holds part of a group: InfoNCA needs whole groups (this is a bug of trl-nca, please "
-                "report it with your settings)."
-            )
+        why = (
+            "A micro-batch holds part of a group: InfoNCA needs whole groups (this is a bug of trl-nca, please report "
+            "it with your settings)."
+        )
+        if len(group) % group_size:
+            raise RuntimeError(why)
+        # checked on the device: an accelerator raises it without the host waiting for the value (no sync)
+        torch._assert_async((group.view(-1, group_size) == group[::group_size, None]).all(), why)
 
         def by_group(values):
             return values.view(-1, group_size)

@@ -232,16 +232,17 @@ def _cache_argument(backbone) -> str:
     return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
-def _prompt_cache_hidden(
-    backbone, prompt_input_ids, prompt_lengths, response_input_ids, response_lengths, rows, calls, prompt_images=None
-):
+def _prompt_cache_hidden(backbone, prompt_input_ids, response_input_ids, plan, prompt_images=None):
     """Hidden states of every response token's prediction and the tokens, for the prompt-cache layout: each row's
     prompt (all but its last token) once, then each call's responses (each starting with the prompt's last token) as
-    one right-padded batch on top of the prompt's keys and values. Responses come back in their batch order."""
+    one right-padded batch on top of the prompt's keys and values. Responses come back in their batch order. `plan`
+    (`CachePlan`) is on the host: the loop reads nothing from the device, and takes rows by slicing (no index tensor
+    to copy)."""
     cache_argument = _cache_argument(backbone)
-    hidden, labels = [None] * len(response_lengths), [None] * len(response_lengths)
-    for row in range(prompt_input_ids.size(0)):
-        shared = int(prompt_lengths[row]) - 1
+    device = response_input_ids.device
+    hidden, labels = [None] * len(plan.response_lengths), [None] * len(plan.response_lengths)
+    for row, prompt_length in enumerate(plan.prompt_lengths):
+        shared = prompt_length - 1
         prefix = None
         if shared > 0:
             recording = _RecordingCache()
@@ -253,16 +254,16 @@ def _prompt_cache_hidden(
                 **images,
             )
             prefix = [recording.recorded[layer] for layer in sorted(recording.recorded)]
-        members_of_row = (rows == row).nonzero().flatten()
-        for call in calls[members_of_row].unique().tolist():
-            members = members_of_row[calls[members_of_row] == call]
-            lengths = response_lengths[members]  # response tokens, after the copy of the prompt's last token
-            width = int(lengths.max()) + 1
-            ids = response_input_ids[members, :width]
-            positions = torch.arange(shared, shared + width, device=ids.device).expand(len(members), -1)
+        members_of_row = [n for n, owner in enumerate(plan.rows) if owner == row]
+        for call in sorted({plan.calls[n] for n in members_of_row}):
+            members = [n for n in members_of_row if plan.calls[n] == call]
+            lengths = [plan.response_lengths[n] for n in members]  # after the copy of the prompt's last token
+            width = max(lengths) + 1
+            ids = torch.cat([response_input_ids[n : n + 1, :width] for n in members])
+            positions = torch.arange(shared, shared + width, device=device).expand(len(members), -1)
             attention_mask = None
             if len(members) > 1:  # right padding among the call's responses; the prompt's keys are all real
-                real = torch.arange(width, device=ids.device)[None, :] <= lengths[:, None]
+                real = torch.stack([torch.arange(width, device=device) <= length for length in lengths])
                 attention_mask = torch.cat([real.new_ones(len(members), shared), real], dim=1).long()
             cache = _PrefixCache(ddp_cache_data=prefix) if prefix is not None else None
             out = backbone(
@@ -272,10 +273,25 @@ def _prompt_cache_hidden(
                 use_cache=cache is not None,
                 **{cache_argument: cache},
             )
-            for j, n in enumerate(members.tolist()):
-                length = int(lengths[j])
+            for j, (n, length) in enumerate(zip(members, lengths)):
                 hidden[n], labels[n] = out.last_hidden_state[j, :length], ids[j, 1 : length + 1]
     return torch.cat(hidden), torch.cat(labels)
+
+
+def cache_plan_of(kwargs: dict):
+    """The batch's `CachePlan`, or for a batch made without one, the same plan read from its tensors (one read)."""
+    if kwargs.get("cache_plan") is not None:
+        return kwargs["cache_plan"]
+    from .layouts.prompt_cache import CachePlan
+
+    counts = [kwargs["prompt_lengths"].numel()] + [kwargs["response_lengths"].numel()] * 3
+    flat = torch.cat([kwargs[k] for k in ("prompt_lengths", "response_lengths", "response_rows", "response_calls")])
+    values, start = flat.tolist(), 0
+    parts = []
+    for count in counts:
+        parts.append(values[start : start + count])
+        start += count
+    return CachePlan(*parts)
 
 
 def add_response_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False) -> None:
@@ -305,11 +321,8 @@ def add_response_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
                 hidden, targets = _prompt_cache_hidden(
                     backbone,
                     kwargs["prompt_input_ids"],
-                    kwargs["prompt_lengths"],
                     kwargs["response_input_ids"],
-                    kwargs["response_lengths"],
-                    kwargs["response_rows"],
-                    kwargs["response_calls"],
+                    cache_plan_of(kwargs),
                     kwargs.get("prompt_images"),
                 )
             scored = response_log_probs(

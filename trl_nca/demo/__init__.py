@@ -14,13 +14,13 @@ from .._lazy import lazy_getattr
 # Each public name -> the module that defines it, imported on first use (so that `trl-nca demo --help` loads no
 # torch or transformers)
 _EXPORTS = {
-    **dict.fromkeys(["arithmetic_reward", "extract_answer", "heldout_problems", "make_problems"], "arithmetic"),
+    **dict.fromkeys(["arithmetic_reward", "extract_answer", "make_problems", "fixed_test_set"], "arithmetic"),
     **dict.fromkeys(["DemoSettings", "heldout_accuracy", "load_model", "local_run_args", "run_demo"], "run"),
     **dict.fromkeys(["load_smollm2", "materialize_smollm2", "smollm2_gguf_path"], "smollm2"),
 }
 
 if TYPE_CHECKING:
-    from .arithmetic import arithmetic_reward, extract_answer, heldout_problems, make_problems
+    from .arithmetic import arithmetic_reward, extract_answer, fixed_test_set, make_problems
     from .run import DemoSettings, heldout_accuracy, load_model, local_run_args, run_demo
     from .smollm2 import load_smollm2, materialize_smollm2, smollm2_gguf_path
 
@@ -32,7 +32,6 @@ __all__ = [
     "arithmetic_reward",
     "extract_answer",
     "heldout_accuracy",
-    "heldout_problems",
     "load_model",
     "load_smollm2",
     "local_run_args",
@@ -40,4 +39,5 @@ __all__ = [
     "materialize_smollm2",
     "run_demo",
     "smollm2_gguf_path",
+    "fixed_test_set",
 ]

@@ -1,4 +1,8 @@
-"""The demo's task: small arithmetic questions made from a seed, with a verifiable answer and a reward function.
+"""The demo's task: small arithmetic questions with a verifiable answer, and a reward function.
+
+The questions come from one fixed split of the whole question space (`questions.py`): training questions from the
+train side, one set per seed; held-out accuracy on the fixed test set, which no training question shares a fact
+with (`3 * 7` and `7 * 3` are one fact, on one side).
 
 The reward function has the signature of TRL's GRPO reward functions, so it plugs into `build_reward_dataset`, the
 online trainers and TRL's own trainers alike.
@@ -6,45 +10,44 @@ online trainers and TRL's own trainers alike.
 
 from __future__ import annotations
 
-import random
 import re
+from functools import cache
 
-QUESTION = "What is {expression}? Answer with the number."
+from .questions import QUESTION, Question, QuestionSpace
+
+__all__ = ["QUESTION", "arithmetic_reward", "extract_answer", "make_problems", "space", "fixed_test_set"]
+
 _INTEGER = re.compile(r"-?\d+")
 
 
+@cache
+def space() -> QuestionSpace:
+    """Sums and differences of numbers from 2 to 20, one-digit products, and two-step "a + b - c" (weights
+    3 : 3 : 3 : 1)."""
+    span, digits = range(2, 21), range(2, 10)
+    kinds = {
+        "sum": [Question(f"{a} + {b}", a + b, f"sum:{min(a, b)},{max(a, b)}") for a in span for b in span],
+        "difference": [Question(f"{a} - {b}", a - b, f"difference:{a},{b}") for a in span for b in span if a >= b],
+        "product": [Question(f"{a} * {b}", a * b, f"product:{min(a, b)},{max(a, b)}") for a in digits for b in digits],
+        "two_step": [
+            Question(f"{a} + {b} - {c}", a + b - c, f"two_step:{min(a, b)},{max(a, b)},{c}")
+            for a in range(2, 13)
+            for b in range(2, 13)
+            for c in range(1, 10)
+        ],
+    }
+    return QuestionSpace("arithmetic", kinds, {"sum": 3, "difference": 3, "product": 3, "two_step": 1})
+
+
 def make_problems(n: int, seed: int) -> list[dict]:
-    """`n` questions, the same for the same seed: sums and differences of numbers up to 20, one-digit products, and a
-    few two-step sums. Each is `{"prompt": [user message], "answer": int}` (conversational, for the chat template)."""
-    rng = random.Random(seed)
-    problems = []
-    for _ in range(n):
-        kind = rng.choices(["sum", "difference", "product", "two_step"], weights=[3, 3, 3, 1])[0]
-        if kind == "sum":
-            a, b = rng.randint(2, 20), rng.randint(2, 20)
-            expression, answer = f"{a} + {b}", a + b
-        elif kind == "difference":
-            a, b = sorted((rng.randint(2, 20), rng.randint(2, 20)), reverse=True)
-            expression, answer = f"{a} - {b}", a - b
-        elif kind == "product":
-            a, b = rng.randint(2, 9), rng.randint(2, 9)
-            expression, answer = f"{a} * {b}", a * b
-        else:
-            a, b, c = rng.randint(2, 12), rng.randint(2, 12), rng.randint(1, 9)
-            expression, answer = f"{a} + {b} - {c}", a + b - c
-        problems.append(
-            {"prompt": [{"role": "user", "content": QUESTION.format(expression=expression)}], "answer": answer}
-        )
-    return problems
+    """`n` training questions, the same for the same seed, from the train side of the split. Each is
+    `{"prompt": [user message], "answer": int, "kind": str}` (conversational, for the chat template)."""
+    return space().train(n, seed)
 
 
-# Held-out questions come from this offset of the training seed, so that the two sets differ
-HELDOUT_SEED_OFFSET = 1_000_003
-
-
-def heldout_problems(n: int, seed: int) -> list[dict]:
-    """`n` held-out questions for the training seed `seed` (made from another seed, so they differ from training)."""
-    return make_problems(n, seed=seed + HELDOUT_SEED_OFFSET)
+def fixed_test_set(n: int) -> list[dict]:
+    """The fixed test set of `n` questions (the same for every seed; no training question asks any of its facts)."""
+    return space().fixed("test", n)
 
 
 def _text(completion) -> str:

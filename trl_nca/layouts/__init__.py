@@ -40,6 +40,7 @@ from .shared_prompt import (
     DataCollatorForSharedPrompt,
     attention_mask_for,
     block_mask_for,
+    dense_mask,
 )
 
 LAYOUT_NAMES = ("padded", "mask", "cache")
@@ -64,6 +65,7 @@ CACHE_INPUTS = (
     "response_lengths",
     "response_rows",
     "response_calls",
+    "cache_plan",
 )
 
 
@@ -272,7 +274,7 @@ def layout_of(batch: dict) -> str:
     """The layout a collated batch is in."""
     if "prompt_input_ids" in batch:
         return "cache"
-    return "mask" if batch["attention_mask"].dim() == 4 else "padded"
+    return "mask" if "segment_ids" in batch else "padded"
 
 
 def sequences_per_response(batch: dict, pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
@@ -300,11 +302,12 @@ def model_inputs(batch: dict, attn_implementation: str, mask_dtype: torch.dtype)
     if "prompt_input_ids" in batch:
         return {key: batch[key] for key in (*CACHE_INPUTS, "prompt_images") if key in batch}
     kwargs = {key: batch[key] for key in (*MODEL_INPUTS, *IMAGE_FIELDS, *PER_TOKEN_FIELDS) if key in batch}
-    if kwargs["attention_mask"].dim() == 4:
+    if "segment_ids" in batch:  # the shared-prompt layout: its mask is built here, where the ids are (the device)
         if attn_implementation == "flex_attention":
             kwargs["attention_mask"] = block_mask_for(batch["segment_ids"], batch["row_ids"])
         else:
-            kwargs["attention_mask"] = attention_mask_for(kwargs["attention_mask"], attn_implementation, mask_dtype)
+            mask = dense_mask(batch["segment_ids"], batch["row_ids"])
+            kwargs["attention_mask"] = attention_mask_for(mask, attn_implementation, mask_dtype)
     return kwargs
 
 

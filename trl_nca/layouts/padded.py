@@ -97,8 +97,9 @@ def per_response_values(examples: list[dict[str, Any]]) -> dict[str, torch.Tenso
     """The per-row tensors of a batch, shared by every layout: `(B, K)` `response_mask` (True = a real response),
     `rewards`, and `ref_logps` when the rows carry precomputed reference log-probabilities (padded slots hold 0); and
     `(B,)` `ordered` (True for rows whose responses are listed best first, see `trl_nca.losses.soft_labels`)."""
-    num_responses = torch.tensor([len(example["completion_ids"]) for example in examples])
-    response_mask = torch.arange(int(num_responses.max()))[None, :] < num_responses[:, None]
+    counts = [len(example["completion_ids"]) for example in examples]
+    num_responses = torch.tensor(counts)
+    response_mask = torch.arange(max(counts))[None, :] < num_responses[:, None]
 
     def values(key: str) -> torch.Tensor:
         out = torch.zeros(response_mask.shape, dtype=torch.float32)

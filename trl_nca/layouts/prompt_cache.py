@@ -70,6 +70,18 @@ def plan_calls(lengths: list[int], overhead: int = CALL_OVERHEAD_TOKENS) -> list
     return calls
 
 
+@dataclass(frozen=True)
+class CachePlan:
+    """The prompt-cache layout's plan on the host, as Python lists (`prompt_lengths` per row; `response_lengths`,
+    `rows`, `calls` per response): the forward reads it instead of the device tensors of the same values, so that
+    running the plan reads nothing back from the device."""
+
+    prompt_lengths: list[int]
+    response_lengths: list[int]
+    rows: list[int]
+    calls: list[int]
+
+
 @dataclass
 class DataCollatorForPromptCache(DataCollatorMixin):
     """Collate K-response rows in the prompt-cache layout (same inputs as `DataCollatorForKResponses`).
@@ -77,7 +89,8 @@ class DataCollatorForPromptCache(DataCollatorMixin):
     Returns `prompt_input_ids` `(B, P_max)` and `prompt_lengths` `(B,)`; `response_input_ids` `(N, R_max + 1)`,
     each the prompt's last token then the response, `response_lengths` `(N,)` (response tokens, without the copy),
     `response_rows` `(N,)` (the row of each response) and `response_calls` `(N,)` (the forward call that runs it,
-    from `plan_calls`, numbered across the batch), responses in row-major order of `response_mask`; `num_tokens`,
+    from `plan_calls`, numbered across the batch), responses in row-major order of `response_mask`; the same plan on
+    the host as `cache_plan` (a `CachePlan`, which the forward runs without reading the device); `num_tokens`,
     the tokens the model computes, padding of a call included; and the per-row `response_mask`, `rewards`,
     `ordered`, `ref_logps`. Each prompt+response is truncated to `max_length` from the end (`keep_start`), as in
     the other layouts.
@@ -135,6 +148,7 @@ class DataCollatorForPromptCache(DataCollatorMixin):
             "response_lengths": torch.tensor(lengths),
             "response_rows": torch.tensor(rows),
             "response_calls": torch.tensor(calls),
+            "cache_plan": CachePlan([len(p) for p in prompts], lengths, rows, calls),
             "num_tokens": torch.tensor(num_tokens),
         }
         batch.update(per_response_values(examples))

@@ -7,11 +7,13 @@ A row becomes one segment of a sequence:
 Every response segment starts with a copy of the prompt's last token at the prompt's last position, so the ordinary
 shifted labels of TRL's fused LM head score each response's first token from the same context as separate forwards.
 Position ids restart at that position for every response. The attention mask lets each response see the prompt and,
-causally, its own tokens, never another response. Rows are one per sequence by default: dense-mask backends (`sdpa`,
-`eager`) pay for every masked score, so packing rows into one sequence makes attention quadratic in the packed length
-(measured slower than padding, see `docs/layouts.md`). `pack_rows=True` puts all rows into one sequence,
-block-diagonal: an option for users who build their own batches with a kernel that skips masked blocks; the trainers
-keep one row per sequence.
+causally, its own tokens, never another response. The collator sends no mask: it sends per-token segment and row ids
+(O(tokens)), and the forward builds the mask from them on the batch's device (`dense_mask`, or a FlexAttention block
+mask), so the host neither builds nor copies an O(tokens^2) tensor per forward. Rows are one per sequence by
+default: dense-mask backends (`sdpa`, `eager`) pay for every masked score, so packing rows into one sequence makes
+attention quadratic in the packed length (measured slower than padding, see `docs/layouts.md`). `pack_rows=True`
+puts all rows into one sequence, block-diagonal: an option for users who build their own batches with a kernel that
+skips masked blocks; the trainers keep one row per sequence.
 
 Compared with the padded layout, a row costs `len(prompt) + sum(len(r_k) + 1) - 1` tokens instead of
 `K * (len(prompt) + max_k len(r_k))`.
@@ -45,10 +47,11 @@ NO_PROMPT_TOKEN = (
 class DataCollatorForSharedPrompt(DataCollatorMixin):
     """Collate K-response rows in the shared-prompt layout (same inputs as `DataCollatorForKResponses`).
 
-    Returns `input_ids` and `position_ids` `(S, L)`, a boolean `attention_mask` `(S, 1, L, L)` (True = may attend),
-    `completion_mask`, `padding_mask` (1 = a real token), `response_ids` (for each response token, the index of its
-    response in row-major order of `response_mask`, -1 elsewhere), `segment_ids` (0 = prompt, k + 1 = response k,
-    -1 = padding) and `row_ids` (the row within the sequence, -1 = padding) for block masks, and the `(B, K)`
+    Returns `input_ids` and `position_ids` `(S, L)`, `completion_mask`, `padding_mask` (1 = a real token),
+    `response_ids` (for each response token, the index of its response in row-major order of `response_mask`, -1
+    elsewhere), `segment_ids` (0 = prompt, k + 1 = response k, -1 = padding) and `row_ids` (the row within the
+    sequence, -1 = padding), from which the forward builds the attention mask (`dense_mask`, `block_mask_for`), and
+    the `(B, K)`
     `response_mask`, `rewards` and (when precomputed) `ref_logps`. Each prompt+response is truncated to `max_length`
     from the end (`keep_start`), as in the padded layout, so both layouts score the same tokens.
 
@@ -59,7 +62,7 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
         (tensor([[1, 2, 3, 4, 5, 3, 6]]), tensor([[0, 1, 2, 3, 4, 2, 3]]))
         >>> batch["response_ids"]
         tensor([[-1, -1, -1,  0,  0, -1,  1]])
-        >>> batch["attention_mask"][0, 0].int()
+        >>> dense_mask(batch["segment_ids"], batch["row_ids"])[0, 0].int()
         tensor([[1, 0, 0, 0, 0, 0, 0],
                 [1, 1, 0, 0, 0, 0, 0],
                 [1, 1, 1, 0, 0, 0, 0],
@@ -117,7 +120,6 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
         response_ids = torch.full(shape, -1, dtype=torch.long)
         segment_ids = torch.full(shape, -1, dtype=torch.long)
         row_ids = torch.full(shape, -1, dtype=torch.long)
-        attention = torch.zeros((len(groups), 1, length, length), dtype=torch.bool)
         for s, group in enumerate(groups):
             start = 0
             for r, row in enumerate(group):
@@ -128,21 +130,13 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
                 completion_mask[s, span] = torch.tensor(row["completion"])
                 response_ids[s, span] = torch.tensor(row["response"])
                 padding_mask[s, span] = 1
-                segment = torch.tensor(row["segments"])
-                segment_ids[s, span] = segment
+                segment_ids[s, span] = torch.tensor(row["segments"])
                 row_ids[s, span] = r
-                # A token sees the prompt (segment 0) and its own segment, causally
-                visible = (segment[None, :] == 0) | (segment[None, :] == segment[:, None])
-                attention[s, 0, span, span] = visible & torch.ones(n, n, dtype=torch.bool).tril()
                 start += n
-            # Padding attends to itself only, so no attention row is empty (an empty row gives NaN in sdpa)
-            pad = torch.arange(start, length)
-            attention[s, 0, pad, pad] = True
             position_ids[s, start:] = torch.arange(length - start)
 
         batch = {
             "input_ids": input_ids,
-            "attention_mask": attention,
             "position_ids": position_ids,
             "completion_mask": completion_mask,
             "padding_mask": padding_mask,
@@ -167,6 +161,20 @@ def response_sequences(batch: dict) -> list[torch.Tensor]:
             for segment in range(1, int(segments[s][in_row].max()) + 1):
                 sequences.append(torch.cat([prompt, ids[s][in_row & (segments[s] == segment)]]))
     return sequences
+
+
+def dense_mask(segment_ids: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
+    """The shared-prompt layout's boolean 4D mask `(S, 1, L, L)` (True = may attend), built where the ids are (on the
+    GPU in training): a token sees, causally, the tokens of its own row that are in the prompt (segment 0) or in its
+    own response; padding sees itself only, so that no attention row is empty (an empty row gives NaN in sdpa)."""
+    length = segment_ids.size(1)
+    query_row, key_row = row_ids[:, :, None], row_ids[:, None, :]
+    query_segment, key_segment = segment_ids[:, :, None], segment_ids[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    visible = (key_segment == 0) | (key_segment == query_segment)
+    real = (query_row >= 0) & (query_row == key_row) & causal & visible
+    padding = (query_row < 0) & torch.eye(length, dtype=torch.bool, device=segment_ids.device)
+    return (real | padding)[:, None]
 
 
 def attention_mask_for(mask: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
