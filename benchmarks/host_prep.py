@@ -34,8 +34,8 @@ SHAPES = [
     ("K16 x 8 prompts, P ~2048, R 256-1024", 8, 16, (1980, 2100), (256, 1024)),
     ("K4 x 1 prompt, UltraFeedback (P ~120, R ~290)", 1, 4, (90, 150), (190, 390)),
 ]
-# (name, hidden, layers, body parameters): the cost model's view of two model sizes
-DIMS = [("8B", 4096, 32, 6_980_000_000), ("1.5B", 1536, 28, 1_310_000_000)]
+# (name, hidden, layers, body parameters, heads): the cost model's view of two model sizes
+DIMS = [("8B", 4096, 32, 6_980_000_000, 32), ("1.5B", 1536, 28, 1_310_000_000, 12)]
 
 
 def examples_of(prompts: int, k: int, prompt_range, response_range, seed: int = 0) -> list[dict]:
@@ -82,8 +82,8 @@ def measure(repeats: int) -> list[dict]:
         examples = examples_of(prompts, k, prompt_range, response_range)
         rows = [(len(e["prompt_ids"]), [len(c) for c in e["completion_ids"]]) for e in examples]
         choice = {}
-        for dims, hidden, layers, body in DIMS:
-            shape = ModelShape(hidden, layers, body, "dense", call_overhead_tokens("cuda"))
+        for dims, hidden, layers, body, heads in DIMS:
+            shape = ModelShape(hidden, layers, body, "dense", call_overhead_tokens("cuda"), "cuda", heads, 2)
             costs = {layout: layout_cost(layout, rows, shape) for layout in ("padded", "mask", "cache")}
             choice[dims] = min(costs, key=costs.get)
         ids, mask, keep = grpo_rows(examples)

@@ -143,3 +143,23 @@ def test_the_grpo_subclass_keeps_groups_whole_under_grpos_default_order(tokenize
     theirs, _ = run(GRPOTrainer)
     for name, value in theirs.items():
         torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_where_auto_picks_padded_the_batch_goes_to_grpos_own_forward(tokenizer, tmp_path, monkeypatch):
+    """`auto`'s padded layout computes what GRPO's forward computes: GRPO's forward runs it (no grouping into our
+    collator, TRL's head), counted as `grpo`."""
+    from trl_nca.layouts import DataCollatorForAnyLayout
+
+    trainer = build(OnlineNCATrainer, tokenizer, tmp_path, "auto")
+    collator = trainer._group_collator
+    assert isinstance(collator, DataCollatorForAnyLayout) and "padded" in collator.collators
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in (0, 1) for _ in range(4)])
+    ids, mask, keep = forward_inputs(batch)
+    monkeypatch.setattr(DataCollatorForAnyLayout, "choose", lambda self, examples: "padded")
+    ours, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep)
+    theirs, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, keep)
+    assert torch.equal(ours, theirs) and collator.counts == {"grpo": 1}
+    monkeypatch.setattr(DataCollatorForAnyLayout, "choose", lambda self, examples: "mask")
+    trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep)
+    assert collator.counts == {"grpo": 1, "mask": 1}

@@ -88,3 +88,13 @@ def test_a_tiny_space_splits_by_fact():
     assert all(len(s) == 1 for s in by_fact.values()) and len(by_fact) == 30 * 31 // 2
     with pytest.raises(ValueError, match="'train'"):
         small.fixed("train", 3)
+
+
+def test_the_online_recipe_trains_on_the_train_side_only():
+    import json
+
+    recipe_prompts = Path(__file__).parents[1] / "recipes/online/arithmetic_prompts.jsonl"
+    rows = [json.loads(line) for line in recipe_prompts.open()]
+    assert len(rows) == 64
+    assert {split_of(f"arithmetic:{fact}") for fact in space().facts(rows)} == {"train"}
+    assert rows == [{"prompt": p["prompt"], "answer": p["answer"]} for p in make_problems(64, seed=0)]

@@ -37,6 +37,7 @@ from .layouts import (
     sharded_parameters,
     shared_blocker,
 )
+from .layouts.cost import device_memory_budget
 from .online_groups import shuffle_groups
 from .scoring import add_response_head
 
@@ -124,7 +125,9 @@ class PromptSharingMixin:
             logger.warning(f"Layouts for prompt_sharing='auto': {', '.join(choice.allowed)} ({said}).")
         pad = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else None
         pad = pad if pad is not None else self._tokenizer.pad_token_id
-        shape = ModelShape.of(unwrapped, self.accelerator.device.type)
+        shape = ModelShape.of(
+            unwrapped, self.accelerator.device.type, memory_budget=device_memory_budget(self.accelerator.device)
+        )
         collators = {
             name: make_collator(name, pad_token_id=pad, max_length=None, truncation_mode="keep_start",
                                 pad_to_multiple_of=None, call_overhead=shape.call_overhead_tokens)
@@ -190,7 +193,7 @@ class PromptSharingMixin:
                     model, self._group_collator, input_ids[chunk], attention_mask[chunk], logits_to_keep,
                     token_stats=compute_entropy, entropy_grad=compute_entropy and torch.is_grad_enabled(),
                 )  # fmt: skip
-            if grouped is None:  # a row without prompt tokens
+            if grouped is None:  # a row without prompt tokens, or nothing to share (the cost model picked padded)
                 return grpo()
             logps.append(grouped[0])
             entropies.append(grouped[1])
@@ -218,12 +221,17 @@ def grouped_per_token(
 ):
     """GRPO's per-token log-probabilities and entropies `(rows, logits_to_keep)` of a batch of GRPO rows
     (`[left-padded prompt | right-padded completion]`), with each prompt encoded once per group in the layout
-    `collator` builds; None when a row has no prompt token (`group_rows`). `model` carries `add_response_head`.
+    `collator` builds; None (GRPO's forward takes the batch) when a row has no prompt token (`group_rows`), or when
+    `auto`'s cost model picks the padded layout, which is GRPO's forward. `model` carries `add_response_head`.
     `token_stats=False`: no entropies (None), for the old and reference forwards."""
     grouped = group_rows(input_ids, attention_mask, logits_to_keep)
     if grouped is None:
         return None
     examples, members = grouped
+    if isinstance(collator, DataCollatorForAnyLayout) and collator.choose(examples) == "padded":
+        # nothing to share: GRPO's own forward computes the same tokens, without collation and with TRL's head
+        collator.counts["grpo"] = collator.counts.get("grpo", 0) + 1
+        return None
     batch = collator(examples)
     batch = {k: _to_device(v, input_ids.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     outputs, owner = response_token_logps(

@@ -57,6 +57,7 @@ from .layouts import (
     sharded_parameters,
     shared_blocker,
 )
+from .layouts.cost import device_memory_budget
 from .losses import infonca_loss, nca_loss
 from .metrics import IfDefined, k_response_metrics, read_device_metrics, token_metric_sums
 from .scoring import add_response_head, head_choice
@@ -218,7 +219,9 @@ class _KResponseTrainer(DPOTrainer):
             said = "; ".join(f"'{name}' is out: {reason}" for name, reason in choice.reasons.items())
             logger.warning(f"Layouts for prompt_sharing='auto': {', '.join(choice.allowed)} ({said}).")
         self._layout = choice.allowed[0] if len(choice.allowed) == 1 else choice.allowed
-        shape = ModelShape.of(unwrapped, self.accelerator.device.type)
+        shape = ModelShape.of(
+            unwrapped, self.accelerator.device.type, memory_budget=device_memory_budget(self.accelerator.device)
+        )
         collators = {
             name: make_collator(
                 name,
@@ -255,8 +258,16 @@ class _KResponseTrainer(DPOTrainer):
         self._layouts_checked = True
         if set(self._collators) == {"padded"} and self._head == "fused":
             return  # the model's own forward with TRL's head: nothing of ours to check
-        collators = {"padded": make_collator("padded", pad_token_id=self._tokenizer.pad_token_id, max_length=None,
-                                             truncation_mode="keep_start", pad_to_multiple_of=None), **self._collators}
+        collators = {
+            "padded": make_collator(
+                "padded",
+                pad_token_id=self._tokenizer.pad_token_id,
+                max_length=None,
+                truncation_mode="keep_start",
+                pad_to_multiple_of=None,
+            ),
+            **self._collators,
+        }
         rows = list(itertools.islice(iter(self.train_dataset), self.args.per_device_train_batch_size))
         rows = [{key: row[key] for key in ("prompt_ids", "completion_ids", "rewards")} for row in rows]
         model = self.model_wrapped
@@ -267,8 +278,10 @@ class _KResponseTrainer(DPOTrainer):
                 kwargs = dict(mask_dtype=self._mask_dtype(), low_precision=low_precision)
                 wrong = check_layouts(model, rows, collators, head=self._head, **kwargs)
                 if "padded" in wrong and self._head == "response":
-                    logger.warning(f"Layout check: the response-only LM head differs from the model's own forward "
-                                   f"({wrong['padded']}); TRL's fused head is used for the rest of the run.")
+                    logger.warning(
+                        f"Layout check: the response-only LM head differs from the model's own forward "
+                        f"({wrong['padded']}); TRL's fused head is used for the rest of the run."
+                    )
                     wrong = {"cache": "it runs the response-only head, which differs from the model's own forward"}
                     self._head = "fused"
                     rest = {name: c for name, c in collators.items() if name not in wrong}

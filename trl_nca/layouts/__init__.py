@@ -8,8 +8,9 @@
 
 Every layout returns the same per-row tensors (`response_mask`, `rewards`, `ordered`, `ref_logps`) and `num_tokens`,
 so the trainer's loss and metrics do not depend on the layout. `choose_layout` says which layouts a setting allows,
-`layout_cost` estimates each one's cost for a batch, and `DataCollatorForAnyLayout` builds every batch in the
-cheapest allowed layout that can take its rows (`prompt_sharing="auto"`). `sequences_per_response` turns a batch of
+the cost model (`cost.py`: `layout_cost`, `layout_memory`) estimates each one's time and memory for a batch, and
+`DataCollatorForAnyLayout` builds every batch in the cheapest allowed layout that fits the memory budget and can
+take its rows (`prompt_sharing="auto"`). `sequences_per_response` turns a batch of
 any layout into the padded layout's sequences (what `compute_metrics` sees). The cost model and its check against
 measurements are in `docs/layouts.md`.
 """
@@ -25,13 +26,12 @@ from trl.trainer.utils import pad
 
 from . import prompt_cache, shared_prompt
 from .blockers import cache_blocker, mask_blocker, sharded_parameters, shared_blocker
+from .cost import LAYOUT_NAMES, ModelShape, cheapest, layout_cost, layout_memory
 from .images import IMAGE_FIELDS, PER_TOKEN_FIELDS, DataCollatorForImageRows, has_images, images_blocker
 from .padded import DataCollatorForKResponses, per_response_values
 from .prompt_cache import (
     CALL_OVERHEAD_TOKENS,
     DataCollatorForPromptCache,
-    call_overhead_tokens,
-    plan_calls,
     response_owner,
 )
 from .shared_prompt import (
@@ -43,7 +43,6 @@ from .shared_prompt import (
     dense_mask,
 )
 
-LAYOUT_NAMES = ("padded", "mask", "cache")
 # The layouts each `prompt_sharing` setting may use, in order of preference on equal cost. "auto": the cheapest
 # allowed layout per batch; "on": the cheapest allowed layout that shares the prompt; "off", "mask", "cache": that
 # layout (an error where it cannot work)
@@ -67,73 +66,6 @@ CACHE_INPUTS = (
     "response_calls",
     "cache_plan",
 )
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the cost model needs to know of a model: hidden size, layers, parameters of the body (a token's matmul
-    work is about 2 x that), and how its attention handles a custom mask (`"dense"`: every masked score is still
-    computed, `sdpa`/`eager`; `"blocks"`: fully masked blocks are skipped, `flex_attention`)."""
-
-    hidden_size: int
-    num_layers: int
-    body_params: int
-    attention: str = "dense"
-    call_overhead_tokens: int = CALL_OVERHEAD_TOKENS
-
-    @classmethod
-    def of(cls, model, device_type: str = "cpu") -> ModelShape:
-        config = model.config.get_text_config()
-        embeddings = _numel(model.get_input_embeddings().weight)
-        total = sum(_numel(p) for p in model.parameters())
-        head = 0 if getattr(config, "tie_word_embeddings", False) else _numel(model.get_output_embeddings().weight)
-        attention = "blocks" if config._attn_implementation == "flex_attention" else "dense"
-        body = max(total - embeddings - head, 1)
-        return cls(config.hidden_size, config.num_hidden_layers, body, attention, call_overhead_tokens(device_type))
-
-
-def _numel(parameter) -> int:
-    """A parameter's size, also where DeepSpeed ZeRO-3 has partitioned it (its `numel()` is then 0 on every rank)."""
-    return getattr(parameter, "ds_numel", None) or parameter.numel()
-
-
-# Time per multiply-add of masked attention over that of the matmuls, measured on the 2-core CPU (docs/layouts.md)
-ATTENTION_SLOWDOWN = 3
-
-
-def layout_cost(layout: str, rows: list[tuple[int, list[int]]], shape: ModelShape) -> float:
-    """Estimated forward work (in multiply-adds) of a batch of `rows`, each `(prompt length, [response lengths])`,
-    in `layout`: the matmul work of every token computed, the attention scores computed, and a fixed cost per
-    forward call. The LM head is left out: every layout scores the same response tokens."""
-    per_token = 2 * shape.body_params
-    # q.k and attention x v; masked attention runs at about a third of the matmuls' rate (softmax, masking, memory
-    # traffic), which ATTENTION_SLOWDOWN carries
-    per_score = 2 * shape.hidden_size * shape.num_layers * ATTENTION_SLOWDOWN
-    if layout == "padded":
-        length = max(p + r for p, responses in rows for r in responses)
-        sequences = sum(len(responses) for _, responses in rows)
-        tokens, scores, calls = sequences * length, sequences * length * length, 1
-    elif layout == "mask":
-        length = max(p + sum(responses) + len(responses) - 1 for p, responses in rows)
-        tokens, calls = len(rows) * length, 1
-        if shape.attention == "blocks":  # only the prompt and each response's own causal block
-            scores = sum(p * p / 2 + sum(r * (p + r / 2) for r in responses) for p, responses in rows)
-        else:
-            scores = len(rows) * length * length
-    elif layout == "cache":
-        tokens, scores, calls = 0, 0, 0
-        for p, responses in rows:
-            planned = plan_calls(responses, shape.call_overhead_tokens)
-            tokens += p - 1
-            scores += (p - 1) * (p - 1)
-            calls += 1 + len(set(planned))
-            for call in set(planned):
-                width = max(r for r, c in zip(responses, planned) if c == call) + 1
-                tokens += planned.count(call) * width
-                scores += planned.count(call) * width * (p - 1 + width)
-    else:
-        raise ValueError(f"Unknown layout {layout!r}; layouts: {LAYOUT_NAMES}")
-    return tokens * per_token + scores * per_score + calls * shape.call_overhead_tokens * per_token
 
 
 @dataclass(frozen=True)
@@ -262,7 +194,7 @@ class DataCollatorForAnyLayout(DataCollatorMixin):
             for e in examples
         ]
         fit = [name for name, why in unfit.items() if why is None]
-        return min(fit, key=lambda name: layout_cost(name, rows, self.shape))
+        return cheapest(fit, rows, self.shape)
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         layout = self.choose(examples)
@@ -327,7 +259,9 @@ __all__ = [
     "choose_layout",
     "has_images",
     "images_blocker",
+    "cheapest",
     "layout_cost",
+    "layout_memory",
     "layout_of",
     "make_collator",
     "mask_blocker",
