@@ -186,6 +186,8 @@ def engines(out: str, per_device: str) -> None:
             "loss": [entry["loss"] for entry in logs],
             "grad_norm": [entry["grad_norm"] for entry in logs],
             "dropout": any(has_active_dropout(model) for model in models if model is not None),
+            # the layouts the trainer may use (offline `_layout`, online `_group_layouts`)
+            "layouts": list(getattr(trainer, "_group_layouts", None) or [getattr(trainer, "_layout", "")]),
         }
         if trainer.accelerator.is_main_process:
             torch.save({name: after[name] - before[name] for name in after}, folder / f"{case}.pt")

@@ -181,7 +181,9 @@ def test_every_trainer_under_the_engine_equals_one_process(name, one_process, tm
     the one launched, every loss and gradient norm and every parameter's update equal one process with 4 rows (to
     1e-5 of the update's norm: float32, summed in another order), and dropout is off in the policy and in the
     reference (a DeepSpeed engine's, too: building the trainers crashed on it). ZeRO-3 refuses the prompt-cache layout,
-    whose number of forwards differs between ranks while every forward gathers the parameters."""
+    whose number of forwards differs between ranks while every forward gathers the parameters; under ZeRO-2 `auto`
+    leaves it out (ranks that picked different layouts readied their gradients in different orders, which ZeRO-2's
+    buckets reduce as they fill: the auto cases differed by 2e-3 after one step before)."""
     launcher, expected = ENGINES[name]
     if name.startswith("ZeRO"):
         deepspeed_or_skip()
@@ -196,6 +198,8 @@ def test_every_trainer_under_the_engine_equals_one_process(name, one_process, tm
             continue
         got = two[case]
         assert (got["engine"], got["processes"], got["dropout"]) == (expected, 2, False), case
+        if "-auto-" in case:  # ZeRO-2 reduces gradients in the order they are ready: auto may not mix in the cache
+            assert ("cache" in str(got["layouts"])) == (name == "DDP"), (case, got["layouts"])
         steps = ONLINE_STEPS if case.startswith("online") else OFFLINE_STEPS
         assert len(got["loss"]) == len(single["loss"]) == steps, case
         assert got["loss"] + got["grad_norm"] == pytest.approx(single["loss"] + single["grad_norm"], rel=1e-5), case

@@ -34,6 +34,7 @@ from .layouts import (
     choose_layout,
     make_collator,
     mask_blocker,
+    ranks_in_step,
     sharded_parameters,
     shared_blocker,
 )
@@ -116,7 +117,13 @@ class PromptSharingMixin:
             unwrapped.config._attn_implementation,
             "keep_start",
             router_loss=False,  # batches with the router loss go to GRPO's forward
-            cache_blocker=cache_blocker(unwrapped, self.args, sharded=sharded_parameters(self)),
+            cache_blocker=cache_blocker(
+                unwrapped,
+                self.args,
+                sharded=sharded_parameters(self),
+                ranks_in_step=ranks_in_step(self),
+                setting=prompt_sharing,
+            ),
             shared_blocker=shared_blocker(unwrapped),
             mask_blocker=mask_blocker(unwrapped),
         )

@@ -25,7 +25,7 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl.trainer.utils import pad
 
 from . import prompt_cache, shared_prompt
-from .blockers import cache_blocker, mask_blocker, sharded_parameters, shared_blocker
+from .blockers import cache_blocker, mask_blocker, ranks_in_step, sharded_parameters, shared_blocker
 from .cost import LAYOUT_NAMES, ModelShape, cheapest, layout_cost, layout_memory
 from .images import IMAGE_FIELDS, PER_TOKEN_FIELDS, DataCollatorForImageRows, has_images, images_blocker
 from .padded import DataCollatorForKResponses, per_response_values
@@ -266,6 +266,7 @@ __all__ = [
     "make_collator",
     "mask_blocker",
     "model_inputs",
+    "ranks_in_step",
     "per_response_values",
     "response_owner",
     "row_unfit_for",

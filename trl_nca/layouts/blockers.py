@@ -32,6 +32,22 @@ def sharded_parameters(trainer) -> bool:
     )
 
 
+# Why `auto` leaves the prompt-cache layout out under DeepSpeed ZeRO-1/2
+RANKS_REDUCE_IN_STEP = (
+    "DeepSpeed ZeRO-1/2 reduce gradients bucket by bucket in the order they become ready, which must be the same on "
+    "every rank; 'auto' picks a layout per batch on each rank, and this layout's forwards (one per prompt and per "
+    "call) ready them in another order than the one-forward layouts (set prompt_sharing='cache' to run it on every "
+    "rank)"
+)
+
+
+def ranks_in_step(trainer) -> bool:
+    """Whether the trainer's engine needs every rank to ready its gradients in the same order (DeepSpeed ZeRO-1/2,
+    whose gradient buckets are reduced as they fill; DDP reduces its buckets in a fixed order, ZeRO-3 and FSDP rule
+    the layout out anyway)."""
+    return bool(trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage in (1, 2))
+
+
 def _layer_kinds(config) -> list[str]:
     for name in ("layer_types", "layers_block_type", "attention_layers"):
         kinds = getattr(config, name, None)
@@ -79,9 +95,10 @@ def stateful_layers(model) -> str | None:
     return None
 
 
-def cache_blocker(model, args, *, sharded: bool) -> str | None:
+def cache_blocker(model, args, *, sharded: bool, ranks_in_step: bool = False, setting: str = "auto") -> str | None:
     """Why the prompt-cache layout cannot run on `model` with training arguments `args`, or None (beyond
-    `shared_blocker`, which rules out both prompt-sharing layouts)."""
+    `shared_blocker`, which rules out both prompt-sharing layouts). `ranks_in_step`: the engine needs the same
+    forwards on every rank, which `auto` (the `setting`) does not promise."""
     # Trainer.train turns checkpointing on as `args` say, over the model's own setting; without it, the model's own
     # setting (e.g. from PEFT's prepare_model_for_kbit_training) is what runs
     if args.gradient_checkpointing:
@@ -95,6 +112,8 @@ def cache_blocker(model, args, *, sharded: bool) -> str | None:
             "DeepSpeed ZeRO-3 and FSDP gather sharded parameters in every forward, in step on all ranks, and this "
             "layout's number of forwards varies by batch"
         )
+    if ranks_in_step and setting == "auto":
+        return RANKS_REDUCE_IN_STEP
     return None
 
 
