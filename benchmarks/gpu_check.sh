@@ -1,8 +1,9 @@
 #!/bin/bash
 # The checks to run on the first GPU lent, in one go (under 8 minutes on one H100), results under $OUT_DIR:
 #   1. the CUDA tests (tests/test_cuda.py: fused head, bf16, QLoRA, FlexAttention, every layout against padded);
-#   2. benchmarks/step_time.py at a compute-bound size: offline K = 4 and 8 at UltraFeedback lengths, the authors'
-#      way (reference) against padded, mask, cache and auto;
+#   2. benchmarks/step_time.py at a compute-bound size (a 1.5B model's dims, random weights: SmolLM2-135M is
+#      launch-bound on a GPU): offline K = 4 and 8 at UltraFeedback lengths, the authors' way (reference) against
+#      padded, mask, cache and auto;
 #   3. benchmarks/online_step.py at K = 8, P = C = 256, 4 prompts: GRPOTrainer, OnlineNCATrainer and
 #      PromptSharingGRPOTrainer, with the host syncs of a step counted (torch.cuda.set_sync_debug_mode("warn")),
 #      once with one micro-batch per generation and once with GRPO's schedule of 4 micro-batches per generation.
@@ -30,11 +31,11 @@ part() {  # part SECONDS NAME COMMAND...
 }
 
 [ "$DRY" = 1 ] || { mkdir -p "$OUT"; : > "$OUT/summary.txt"; nvidia-smi > "$OUT/device.txt" 2>&1 || true; }
-part 150 cuda_tests "$PY" -m pytest -q tests/test_cuda.py -p no:cacheprovider
-part 150 step_time "$PY" benchmarks/step_time.py --scale 1 --ks 4,8 --steps 3 --random_init \
+part 120 cuda_tests "$PY" -m pytest -q tests/test_cuda.py -p no:cacheprovider
+part 200 step_time "$PY" benchmarks/step_time.py --scale 1 --ks 4,8 --steps 3 --random_init --dims 1.5b \
   --ways reference,padded,mask,cache,auto --json "$OUT/step_time.json"
-part 80 online_step "$PY" benchmarks/online_step.py --cells 8x256x256 --prompts 4 --steps 3 \
+part 70 online_step "$PY" benchmarks/online_step.py --cells 8x256x256 --prompts 4 --steps 3 \
   --methods grpo,nca,psgrpo --sync_debug --json "$OUT/online_step.json"
-part 80 online_step_spg4 "$PY" benchmarks/online_step.py --cells 8x256x256 --prompts 4 --steps 3 \
+part 70 online_step_spg4 "$PY" benchmarks/online_step.py --cells 8x256x256 --prompts 4 --steps 3 \
   --steps_per_generation 4 --methods grpo,psgrpo --sync_debug --json "$OUT/online_step_spg4.json"
 exit $failed

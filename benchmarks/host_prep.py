@@ -5,8 +5,9 @@ For each shape and layout: the collator's time (median of `--repeats`), the byte
 copied to the device), the largest tensor's elements, and for the shared-prompt layout the time to build its 4D mask
 from the segment and row ids where the ids are (`dense_mask`; on a GPU that is device work, here it runs on the CPU
 and is printed apart: it is not host preparation when a GPU runs it). `auto` is the layout the cost model picks for
-the batch on CUDA with the dims of an 8B and a 1.5B model. The online rows add the grouping of GRPO's rows
-(`group_rows`: one read of the ids) before the collator.
+the batch on CUDA with the dims of an 8B and a 1.5B model. Online, the grouped forward adds the grouping of GRPO's
+rows (`group_rows`: one read of the ids) before the collator and, for the padded and shared-prompt layouts, the scored
+positions as indices after it (`scored_positions`), both timed apart.
 
     python benchmarks/host_prep.py                       # the default shapes
     python benchmarks/host_prep.py --json benchmarks/results/host_prep_cpu.json
@@ -27,6 +28,7 @@ import torch
 from trl_nca.group_forward import group_rows
 from trl_nca.layouts import DataCollatorForAnyLayout, ModelShape, dense_mask, layout_cost, make_collator
 from trl_nca.layouts.prompt_cache import call_overhead_tokens
+from trl_nca.scoring import scored_positions
 
 # (name, prompts, K, prompt length range, response length range)
 SHAPES = [
@@ -96,6 +98,9 @@ def measure(repeats: int) -> list[dict]:
             row = {"shape": name, "layout": layout, "collate_s": round(seconds, 4), "copied_MB": round(copied / 1e6, 2),
                    "largest_tensor": largest, "online_grouping_s": round(grouping, 4),
                    "auto_on_cuda": choice}  # fmt: skip
+            if "completion_mask" in batch:  # online: the scored positions, made on the host
+                positions, _ = timed(lambda: scored_positions(batch["completion_mask"]), repeats)
+                row["online_positions_s"] = round(positions, 4)
             if layout == "mask":
                 # device work where a GPU runs it; timed once here (on this CPU it is slow, and not host preparation)
                 build, built = timed(lambda: dense_mask(batch["segment_ids"], batch["row_ids"]), 1)
@@ -107,15 +112,16 @@ def measure(repeats: int) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| shape | layout | collate (s) | / padded | copied to the device (MB) | largest tensor | online grouping (s) "
-             "| mask built from the ids (s, device work) | auto on CUDA (8B / 1.5B) |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| shape | layout | collate (s) | / padded | copied to the device (MB) | largest tensor "
+             "| online grouping (s) | online scored positions (s) | mask built from the ids (s, device work) | auto on CUDA (8B / 1.5B) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     padded = {r["shape"]: r["collate_s"] for r in results if r["layout"] == "padded"}
     for r in results:
         build = r.get("mask_build_s_where_the_ids_are", "")
         lines.append(
             f"| {r['shape']} | {r['layout']} | {r['collate_s']:.4f} | {r['collate_s'] / padded[r['shape']]:.2f} "
-            f"| {r['copied_MB']:.2f} | {r['largest_tensor']:,} | {r['online_grouping_s']:.4f} | {build} "
+            f"| {r['copied_MB']:.2f} | {r['largest_tensor']:,} | {r['online_grouping_s']:.4f} "
+            f"| {r.get('online_positions_s', '')} | {build} "
             f"| {r['auto_on_cuda']['8B']} / {r['auto_on_cuda']['1.5B']} |"
         )
     return "\n".join(lines)

@@ -123,6 +123,20 @@ def timed_steps(step, steps: int, device, sync_debug: bool) -> tuple[list[float]
     return times, syncs
 
 
+def scheduled_step(trainer, rows, steps_per_generation: int) -> list[dict]:
+    """One generation's worth of training under GRPO's schedule: `steps_per_generation` micro-batches, each from the
+    trainer's own `_prepare_inputs` (which generates on the first and hands out the buffered rest), loss and backward;
+    the micro-batches, for the tests."""
+    micro_batches = []
+    for _ in range(steps_per_generation):
+        inputs = trainer._prepare_inputs(rows)
+        trainer.compute_loss(trainer.model, inputs).backward()
+        micro_batches.append(inputs)
+        trainer._step += 1  # what `training_step` counts, and `_prepare_inputs` reads
+    trainer.model.zero_grad()
+    return micro_batches
+
+
 def worker(method, cell, args):
     from trl_nca.demo import load_model
 
@@ -158,10 +172,7 @@ def worker(method, cell, args):
         else:  # GRPO's schedule: the trainer shuffles and splits the generation batch itself
 
             def step():
-                for _ in range(args.steps_per_generation):
-                    inputs = trainer._prepare_inputs(rows)
-                    trainer.compute_loss(trainer.model, inputs).backward()
-                trainer.model.zero_grad()
+                scheduled_step(trainer, rows, args.steps_per_generation)
 
         with peak_memory(device) as memory:
             times, syncs = timed_steps(step, args.steps, device, args.sync_debug)

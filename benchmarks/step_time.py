@@ -39,6 +39,13 @@ from contextlib import contextmanager
 import torch
 
 WAYS = ("reference", "padded", "mask", "cache", "auto", "dpo")
+# --dims: config overrides of SmolLM2-135M's folder (its own: none); 1.5B: Qwen2.5-1.5B's hidden size, MLP width,
+# depth and heads (about 1.3B parameters in the body, 1.4B with the embeddings)
+DIMS = {
+    "135m": {},
+    "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+             "num_key_value_heads": 2, "head_dim": 128},
+}
 
 
 def draw_rows(k: int, rows: int, scale: float, vocab: int, seed: int) -> list[dict]:
@@ -224,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
         "that has the config and tokenizer but not the weights)",
     )
     parser.add_argument(
+        "--dims",
+        choices=sorted(DIMS),
+        default="135m",
+        help="the model's dimensions: SmolLM2-135M's, or a 1.5B model's (Qwen2.5-1.5B's widths and depth on "
+        "SmolLM2's vocabulary), compute-bound on a GPU where 135M is launch-bound; 1.5b needs --random_init",
+    )
+    parser.add_argument(
         "--head",
         choices=["default", "response", "fused"],
         default="default",
@@ -255,9 +269,12 @@ def main(argv=None):
     if args.random_init:
         torch.manual_seed(args.seed)
         folder = args.model_dir
-        config = AutoConfig.from_pretrained(folder, attn_implementation="sdpa")
-        base = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+        config = AutoConfig.from_pretrained(folder, attn_implementation="sdpa", **DIMS[args.dims])
+        with device:  # built where it runs: a 1.5B model's random init on the host takes longer than its steps
+            base = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
+        if args.dims != "135m":
+            raise SystemExit(f"--dims {args.dims} has no pretrained weights here: add --random_init")
         folder = materialize_smollm2(args.model_dir)
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -287,6 +304,7 @@ def main(argv=None):
         "rows": args.rows,
         "head": args.head,
         "weights": "random" if args.random_init else "pretrained",
+        "dims": args.dims,
     }
     print("RECORD " + json.dumps(record), flush=True)
 
@@ -308,6 +326,8 @@ def orchestrate(args):
             str(args.seed),
             "--head",
             args.head,
+            "--dims",
+            args.dims,
         ]
         + ([] if args.scale is None else ["--scale", str(args.scale)])
         + (["--random_init"] if args.random_init else [])
@@ -325,7 +345,8 @@ def orchestrate(args):
     device_name, scale = records[0]["device"], records[0]["scale"]
 
     print(
-        f"\nSmolLM2-135M-Instruct + LoRA r=16, {device_name}, {args.rows} prompt(s) per step, lengths x{scale}, "
+        f"\n{'SmolLM2-135M-Instruct' if args.dims == '135m' else f'{args.dims} dims, random weights,'} + LoRA r=16, "
+        f"{device_name}, {args.rows} prompt(s) per step, lengths x{scale}, "
         f"median of {args.steps} steps (forward + backward)\n"
     )
     print("| K | way | layout | tokens / ideal | step (s) | peak mem (MB) | s per 1k response tokens |")

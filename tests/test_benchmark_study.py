@@ -199,3 +199,16 @@ def test_summarize_prints_na_for_the_spread_of_one_run_and_compares_on_test_reco
     assert "| t | grpo | 1 | 0.000 | 0.250 ± n/a | +0.250 |" in text
     # one seed: only the questions are resampled (3 of 4 differ by 1)
     assert "nca vs grpo | 1 | +0.750 [+0.250, +1.000] | nca ahead | met | not scored | n/a |" in text
+
+
+def test_a_records_file_holds_one_evaluation_set(tmp_path):
+    """Tuning runs (validation) and study runs (test) never share a records file, so a summary cannot mix them."""
+    import json
+
+    from online_vs_grpo import main
+
+    records = tmp_path / "r.jsonl"
+    records.write_text(json.dumps({"task": "arithmetic", "seed": 0, "method": "nca", "split": "validation",
+                                   "settings": {"eval_prompts": 128}}) + "\n")  # fmt: skip
+    with pytest.raises(SystemExit, match=r"holds runs scored on \('validation', 128\), not on \('test', 256\)"):
+        main(["--records", str(records), "--split", "test", "--model_dir", str(tmp_path / "none")])

@@ -37,7 +37,20 @@ def test_gpu_check_commands_parse_and_fit_the_time():
             assert parsed.sync_debug and parsed.cells == "8x256x256"
         else:
             assert set(parsed.ways.split(",")) == {"reference", "padded", "mask", "cache", "auto"}
-            assert parsed.ks == "4,8" and parsed.random_init
+            assert parsed.ks == "4,8" and parsed.random_init and parsed.dims == "1.5b"
     assert seen == {"step_time.py", "online_step.py"}
     limits = [int(n) for n in re.findall(r"^part (\d+) ", script.read_text(), flags=re.M)]
     assert len(limits) == 4 and sum(limits) <= 8 * 60 - 20
+
+
+def test_the_compute_bound_size_is_a_1_5b_model(smollm2_folder):
+    """`step_time.py --dims 1.5b`: SmolLM2's config with a 1.5B model's widths and depth (built on the meta device
+    here: shapes only)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dims = _module(ROOT / "benchmarks" / "step_time.py").DIMS
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2_folder, **dims["1.5b"]))
+    body = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    assert 1.2e9 < body < 1.4e9 and model.config.num_hidden_layers == 28

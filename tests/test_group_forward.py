@@ -163,3 +163,38 @@ def test_where_auto_picks_padded_the_batch_goes_to_grpos_own_forward(tokenizer, 
     monkeypatch.setattr(DataCollatorForAnyLayout, "choose", lambda self, examples: "mask")
     trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep)
     assert collator.counts == {"grpo": 1, "mask": 1}
+
+
+@pytest.mark.parametrize("setting", ["mask", "padded"])
+def test_trls_fused_head_in_the_grouped_forward_gives_grpos_values(setting, tokenizer, tmp_path, monkeypatch):
+    """On CUDA the grouped forward runs the fused head that GRPOTrainer puts on the policy (`head_choice`, as the
+    offline trainers; ours on the CPU): forced here, the same per-token log-probabilities, entropies and gradients
+    (of both, as with GRPO's entropy bonus) as GRPO's forward, at a sampling temperature."""
+    import trl_nca.group_forward as group_forward
+    from trl_nca.layouts import DataCollatorForKResponses
+
+    trainer = build(OnlineNCATrainer, tokenizer, tmp_path, "mask", temperature=0.7)
+    assert trainer._group_head == "response"  # the CPU's choice
+    trainer._group_head = "fused"
+    if setting == "padded":  # the padded layout through the grouped forward (auto hands that one to GRPO's)
+        trainer._group_collator = DataCollatorForKResponses(pad_token_id=tokenizer.pad_token_id)
+    heads = []
+    original = group_forward.response_token_logps
+    monkeypatch.setattr(group_forward, "response_token_logps",
+                        lambda *a, head, **kw: heads.append(head) or original(*a, head=head, **kw))  # fmt: skip
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in (0, 1) for _ in range(4)])
+    ids, mask, keep = forward_inputs(batch, torch.tensor([5, 0, 3, 6, 1, 7, 2, 4]))
+    real = mask[:, -keep:].bool()
+    trainer._group_checked = True  # the values themselves are compared here
+    ours, our_entropy, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep,
+                                                                      compute_entropy=True)  # fmt: skip
+    theirs, their_entropy, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, mask, keep,
+                                                                             compute_entropy=True)  # fmt: skip
+    assert heads == ["fused"] and real.sum() > 20
+    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_entropy[real], their_entropy[real], rtol=1e-5, atol=1e-5)
+    weights = torch.linspace(-1, 1, ours.numel()).view_as(ours)
+    for got, want in zip(grads_of(trainer, ours + our_entropy, real, weights),
+                         grads_of(trainer, theirs + their_entropy, real, weights)):  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

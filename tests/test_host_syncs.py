@@ -20,6 +20,7 @@ from online_helpers import QUESTIONS, length_reward
 from test_drop_in import tiny_moe
 from test_online import build, scored_groups, sequence_logps
 from test_online_paths import moe_trainer
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import trl_nca
 import trl_nca.metrics
@@ -99,6 +100,71 @@ def device_copies():
         yield copies
     finally:
         torch.Tensor.to, torch.Tensor.cuda, torch.tensor = to, cuda, tensor
+
+
+# The aten ops that make the host wait for a GPU: a value read back (`_local_scalar_dense`: `item`, `bool`, `int`),
+# or an output whose size depends on the values (a boolean mask's `nonzero`, under `x[mask]`, `x[mask] = v`,
+# `masked_select`; `repeat_interleave` without `output_size`; `bincount`, `unique`)
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "masked_scatter", "bincount", "_unique2",
+               "unique_dim", "unique_consecutive", "is_nonzero", "equal"}  # fmt: skip
+# Functions that work on the host's tensors by design, before the batch goes to the device: the collators
+HOST_SIDE = {"torch_call", "__call__", "per_response_values", "_row", "plan_calls", "scored_positions"}
+
+
+class DeviceSyncs(TorchDispatchMode):
+    """Counts, by the (file, function) under `root` (trl_nca) that called them, the aten ops that synchronise a GPU
+    with the host, so that the count runs on the CPU: every op dispatched is looked at, also inside autograd's
+    backward. Ops made inside the host-side collation (`HOST_SIDE`) and ops of code outside `root` (TRL's, torch's)
+    are left out; ops of a model called from our code count as ours."""
+
+    def __init__(self, root: str = PACKAGE):
+        super().__init__()
+        self.root, self.found = root, collections.Counter()
+
+    @staticmethod
+    def _syncs(func, args, kwargs) -> bool:
+        name = func._schema.name.split("::")[-1]
+        if name in SYNCING_OPS:
+            return True
+        if name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+            return any(i is not None and i.dtype == torch.bool for i in args[1])
+        if name == "repeat_interleave":
+            return (kwargs or {}).get("output_size") is None and not (len(args) > 3 and args[3] is not None)
+        return False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self._syncs(func, args, kwargs):
+            frame, site = sys._getframe(1), None
+            while frame is not None:
+                path = frame.f_code.co_filename
+                if path.startswith(self.root):
+                    if frame.f_code.co_name in HOST_SIDE:
+                        site = None
+                        break
+                    site = site or (os.path.relpath(path, self.root), frame.f_code.co_name)
+                frame = frame.f_back
+            if site is not None:
+                self.found[site] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _some_syncs(x):
+    lengths = torch.tensor([1, 2, 3])
+    selected = x[x > 2]  # a boolean mask: its size comes from the device
+    counted = torch.repeat_interleave(torch.arange(3), lengths)
+    sized = torch.repeat_interleave(torch.arange(3), lengths, output_size=6)  # the size given: no sync
+    gathered = x[torch.tensor([0, 2])]  # indices: no sync
+    selected.sum().backward()
+    return float(x.detach().sum()), counted, sized, gathered
+
+
+def test_the_sync_counter_sees_what_a_gpu_would_wait_for():
+    x = torch.arange(6.0, requires_grad=True)
+    with DeviceSyncs(root=os.path.dirname(__file__)) as syncs:
+        _some_syncs(x)
+    # x[mask] and its backward (an index_put by the same mask), the unsized repeat_interleave, the float read; not
+    # the sized one nor the gather by indices
+    assert syncs.found == {("test_host_syncs.py", "_some_syncs"): 4}
 
 
 def ours(reads) -> dict:
@@ -390,3 +456,33 @@ def test_an_online_forward_reads_the_device_once_whatever_k_and_rows(prompt_shar
 def scored_groups_of(trainer, groups, k):
     rows = [trainer.train_dataset[i % len(trainer.train_dataset)] for i in range(groups) for _ in range(k)]
     return trainer._generate_and_score_completions(rows)
+
+
+@pytest.mark.parametrize("cls", [OnlineNCATrainer, OnlineInfoNCATrainer])
+@pytest.mark.parametrize("prompt_sharing", ["mask", "cache"])
+def test_an_online_micro_batch_makes_no_device_sync_of_its_own(cls, prompt_sharing, tokenizer, tmp_path):
+    """A training micro-batch (the grouped policy forward, the loss, its backward) runs no op that makes a GPU wait
+    for the host in trl_nca's code: the scored positions come from the host as indices, the prompt-cache plan and
+    its sizes too. The one device read of the grouped forward (`group_rows`, counted above) is the only one."""
+    from test_group_forward import build as build_online
+
+    trainer = build_online(cls, tokenizer, tmp_path, prompt_sharing, num_generations=4, per_device_train_batch_size=8)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = scored_groups_of(trainer, 2, 4)
+    trainer.compute_loss(trainer.model, batch)  # the first forward also runs the layout check, once
+    with DeviceSyncs() as syncs:
+        trainer.compute_loss(trainer.model, batch).backward()
+    assert dict(syncs.found) == {}
+    # the same count on the old way of picking the scored tokens (a boolean mask) finds its syncs
+    if prompt_sharing == "mask":
+        from trl_nca import group_forward
+
+        original = group_forward.scored_positions
+        try:
+            group_forward.scored_positions = lambda mask: None
+            with DeviceSyncs() as syncs:
+                trainer.compute_loss(trainer.model, batch).backward()
+        finally:
+            group_forward.scored_positions = original
+        assert sum(syncs.found.values()) >= 3, syncs.found

@@ -98,3 +98,24 @@ def test_the_online_recipe_trains_on_the_train_side_only():
     assert len(rows) == 64
     assert {split_of(f"arithmetic:{fact}") for fact in space().facts(rows)} == {"train"}
     assert rows == [{"prompt": p["prompt"], "answer": p["answer"]} for p in make_problems(64, seed=0)]
+
+
+def test_the_recorded_study_trained_on_no_fact_it_was_scored_on():
+    """The records of the reported study and its tuning (benchmarks/results): every run's training questions (kept in
+    its record) share no fact with the set it was scored on, and every run of a file was scored on the same set."""
+    import json
+
+    results = Path(__file__).parents[1] / "benchmarks" / "results"
+    checked = 0
+    for name, split, size in (("online_vs_grpo_test.jsonl", "test", 256), ("online_vs_grpo_tuning.jsonl",
+                                                                         "validation", 128)):  # fmt: skip
+        for line in (results / name).read_text().splitlines():
+            record = json.loads(line)
+            assert (record["split"], record["settings"]["eval_prompts"]) == (split, size)
+            the_task = task(record["task"])
+            trained = the_task.space.facts([{"prompt": [{"content": q}]} for q in record["train_questions"]])
+            scored = the_task.space.facts(the_task.evaluation(split, size))
+            assert trained and not trained & scored, (name, record["task"], record["seed"], record["method"])
+            assert len(record["points"][-1]["each_strict"]) == size
+            checked += 1
+    assert checked >= 14 + 8

@@ -10,7 +10,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 
 from .layouts import layout_of, model_inputs, response_owner
-from .scoring import ResponseHeadOutput
+from .scoring import ResponseHeadOutput, at_positions
 
 
 def response_token_logps(model, inputs: dict, *, head: str, mask_dtype: torch.dtype, **forward_kwargs):
@@ -18,14 +18,20 @@ def response_token_logps(model, inputs: dict, *, head: str, mask_dtype: torch.dt
     collated batch and each scored token's response (row-major order of `response_mask`). `head` is `"response"`
     (`trl_nca.scoring`'s head, which `model` must carry: `add_response_head`) or `"fused"` (TRL's, which `model` must
     carry: `add_fused_lm_head`); the prompt-cache layout always runs ours. `forward_kwargs` go to the forward
-    (`output_router_logits`, `token_stats`, `entropy_grad`)."""
+    (`output_router_logits`, `token_stats`, `entropy_grad`). A batch with `label_positions` (`scored_positions`,
+    made on the host) picks its scored tokens by those indices, not by a boolean mask, whose size a GPU would have to
+    send back to the host first."""
     attn_implementation = extract_model_from_parallel(model).config._attn_implementation
     kwargs = model_inputs(inputs, attn_implementation, mask_dtype) | forward_kwargs
     if layout_of(inputs) == "cache":
         return model(**kwargs, response_head=True), response_owner(inputs)
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
     owners = inputs["response_ids"][:, 1:]  # the response each next-token label belongs to
+    positions = inputs.get("label_positions")
     if head == "response":
+        if positions is not None:
+            outputs = model(**kwargs, labels=labels, response_head=True, label_positions=positions)
+            return outputs, at_positions(owners, positions)
         outputs = model(**kwargs, labels=labels, response_head=True)
         # prompt tuning prepends virtual positions (never labelled) to `labelled`: keep the real ones
         return outputs, owners[outputs.labelled[:, -owners.size(1) :]]
@@ -36,16 +42,17 @@ def response_token_logps(model, inputs: dict, *, head: str, mask_dtype: torch.dt
 
     def flat(values):  # prompt-learning PEFT prepends virtual tokens: keep the real positions
         # None: a reference model's fused head computes log-probabilities only (DPOTrainer)
-        return None if values is None else values[:, -owners.size(1) :][scored]
+        if values is None:
+            return None
+        return values[:, -owners.size(1) :][scored] if positions is None else at_positions(values, positions)
 
     outputs = ResponseHeadOutput(
         log_probs=flat(fused.log_probs), entropy=flat(fused.entropy), is_top1=flat(fused.is_top1),
         aux_loss=fused.aux_loss,
     )  # fmt: skip
-    return outputs, owners[scored]
+    return outputs, flat(owners)
 
 
 def sum_by_response(values: torch.Tensor, owner: torch.Tensor, num_responses: int) -> torch.Tensor:
     """Per-token `values` summed by response, `(num_responses,)`."""
     return values.new_zeros(num_responses).index_add(0, owner, values)
-

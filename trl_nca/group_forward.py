@@ -40,7 +40,7 @@ from .layouts import (
 )
 from .layouts.cost import device_memory_budget
 from .online_groups import shuffle_groups
-from .scoring import add_response_head
+from .scoring import add_response_head, head_choice, scored_positions
 
 logger = logging.get_logger(__name__)
 
@@ -144,6 +144,11 @@ class PromptSharingMixin:
             DataCollatorForAnyLayout(collators, shape) if len(collators) > 1 else next(iter(collators.values()))
         )
         self._group_layouts = choice.allowed
+        # The LM head as the offline trainers choose it: TRL's fused head on CUDA (GRPOTrainer puts it on the policy
+        # and the reference; it keeps less memory there), ours elsewhere, where TRL's scores every position
+        self._group_head, why = head_choice(unwrapped, self.accelerator.device)
+        named = "trl-nca response-only" if self._group_head == "response" else "TRL fused"
+        logger.info(f"Grouped forward's LM head: {named} ({why}).")
         for model in (self.model, getattr(self, "ref_model", None)):
             if model is not None:
                 model = self.accelerator.unwrap_model(model)
@@ -198,7 +203,8 @@ class PromptSharingMixin:
             with self.accelerator.autocast():
                 grouped = grouped_per_token(
                     model, self._group_collator, input_ids[chunk], attention_mask[chunk], logits_to_keep,
-                    token_stats=compute_entropy, entropy_grad=compute_entropy and torch.is_grad_enabled(),
+                    head=self._group_head, token_stats=compute_entropy,
+                    entropy_grad=compute_entropy and torch.is_grad_enabled(),
                 )  # fmt: skip
             if grouped is None:  # a row without prompt tokens, or nothing to share (the cost model picked padded)
                 return grpo()
@@ -224,13 +230,23 @@ class PromptSharingMixin:
 
 
 def grouped_per_token(
-    model, collator, input_ids, attention_mask, logits_to_keep, *, token_stats=True, entropy_grad=False
+    model,
+    collator,
+    input_ids,
+    attention_mask,
+    logits_to_keep,
+    *,
+    head="response",
+    token_stats=True,
+    entropy_grad=False,
 ):
     """GRPO's per-token log-probabilities and entropies `(rows, logits_to_keep)` of a batch of GRPO rows
     (`[left-padded prompt | right-padded completion]`), with each prompt encoded once per group in the layout
     `collator` builds; None (GRPO's forward takes the batch) when a row has no prompt token (`group_rows`), or when
     `auto`'s cost model picks the padded layout, which is GRPO's forward. `model` carries `add_response_head`.
-    `token_stats=False`: no entropies (None), for the old and reference forwards."""
+    `token_stats=False`: no entropies (None), for the old and reference forwards. `head`: `"response"` (ours) or
+    `"fused"` (the fused head GRPOTrainer puts on its policy and reference: its entropies are GRPO's own); the
+    prompt-cache layout always runs ours."""
     grouped = group_rows(input_ids, attention_mask, logits_to_keep)
     if grouped is None:
         return None
@@ -240,9 +256,11 @@ def grouped_per_token(
         collator.counts["grpo"] = collator.counts.get("grpo", 0) + 1
         return None
     batch = collator(examples)
+    if "completion_mask" in batch:  # the scored positions as indices, from the host (no size read on the device)
+        batch["label_positions"] = scored_positions(batch["completion_mask"])
     batch = {k: _to_device(v, input_ids.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     outputs, owner = response_token_logps(
-        model, batch, head="response", mask_dtype=torch.float32, token_stats=token_stats, entropy_grad=entropy_grad
+        model, batch, head=head, mask_dtype=torch.float32, token_stats=token_stats, entropy_grad=entropy_grad
     )
     order = [b for group in members for b in group]
     shape = (input_ids.size(0), logits_to_keep)

@@ -294,6 +294,22 @@ def cache_plan_of(kwargs: dict):
     return CachePlan(*parts)
 
 
+def scored_positions(completion_mask: torch.Tensor) -> torch.Tensor:
+    """`(2, N)` long, made on the host: the row of each scored next-token position of a batch (a position whose label,
+    the token after it, is a completion token) and its column counted from the right end of the `(S, L-1)` grid of
+    shifted labels, in row-major order (the order of a boolean mask). Counted from the right, the columns stay right
+    when prompt-learning PEFT prepends virtual positions on the left."""
+    rows, columns = (completion_mask[:, 1:] != 0).nonzero(as_tuple=True)
+    return torch.stack([rows, completion_mask.size(1) - 1 - columns])
+
+
+def at_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The entries of `values` `(S, W, ...)` (a grid of shifted labels, maybe with virtual positions on the left) at
+    `scored_positions`, flat `(N, ...)`: an index gather, which the device runs without telling the host a size."""
+    rows, from_end = positions
+    return values[rows, values.size(1) - from_end]
+
+
 def add_response_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False) -> None:
     """Patch `model` (a causal LM, before PEFT wraps it or its base model after) so that `response_head=True` runs
     the backbone and scores only the labelled positions: `labels` (as for a causal LM, shifted inside) for the padded
@@ -307,7 +323,16 @@ def add_response_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     head = dict(temperature=temperature, transform=LogitTransform.of(model.config), fp32=cast_lm_head_to_fp32)
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, response_head=False, labels=None, token_stats=True, entropy_grad=False, **kwargs):
+    def forward(
+        self,
+        *args,
+        response_head=False,
+        labels=None,
+        token_stats=True,
+        entropy_grad=False,
+        label_positions=None,
+        **kwargs,
+    ):
         if not response_head:
             return (
                 original_forward(*args, labels=labels, **kwargs)
@@ -333,11 +358,16 @@ def add_response_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         kwargs["use_cache"] = False
         outputs = backbone(*args, **kwargs)
         labels = labels[:, 1:]
-        labelled = labels != -100
         # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones
         states = outputs.last_hidden_state[:, -labels.size(1) - 1 : -1]
+        if label_positions is None:
+            labelled = labels != -100
+            states, targets = states[labelled], labels[labelled]
+        else:  # the host's indices of the same positions (`scored_positions`): no size read from the device
+            labelled = None
+            states, targets = at_positions(states, label_positions), at_positions(labels, label_positions)
         log_probs, entropy, is_top1 = response_log_probs(
-            states[labelled], lm_head, labels[labelled], **head, token_stats=token_stats, entropy_grad=entropy_grad
+            states, lm_head, targets, **head, token_stats=token_stats, entropy_grad=entropy_grad
         )
         aux_loss = None
         if kwargs.get("output_router_logits"):

@@ -158,7 +158,10 @@ class DataCollatorForPromptCache(DataCollatorMixin):
 def response_owner(batch: dict) -> torch.Tensor:
     """`(sum R_k,)`: the response index of each scored token, in the order the prompt-cache forward scores them."""
     lengths = batch["response_lengths"]
-    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    plan = batch.get("cache_plan")
+    # the total from the host's plan: without `output_size`, repeat_interleave reads it from the device
+    total = None if plan is None else sum(plan.response_lengths)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths, output_size=total)
 
 
 def response_sequences(batch: dict) -> list[torch.Tensor]:
