@@ -167,9 +167,14 @@ def test_the_sync_counter_sees_what_a_gpu_would_wait_for():
     assert syncs.found == {("test_host_syncs.py", "_some_syncs"): 4}
 
 
+# Functions that convert the host copy `group_forward._on_host` made (one read of the device, counted there): the
+# counter cannot tell a host tensor from a device one on this CPU
+HOST_COPY_READS = {("group_forward.py", "group_host_rows"), ("group_forward.py", "plan_micro_batches")}
+
+
 def ours(reads) -> dict:
-    """The reads made by trl_nca's code (not by the model's or by TRL's)."""
-    return {site: count for site, count in reads.items() if not site[0].startswith("..")}
+    """The reads made by trl_nca's code (not by the model's or by TRL's), less the conversions of host copies."""
+    return {site: n for site, n in reads.items() if not site[0].startswith("..") and site not in HOST_COPY_READS}
 
 
 def offline_trainer(tokenizer, tmp_path, prompt_sharing):
@@ -425,7 +430,8 @@ def test_infonca_checks_whole_groups_on_the_device():
 
 @pytest.mark.parametrize("prompt_sharing", ["mask", "cache"])
 def test_an_online_forward_reads_the_device_once_whatever_k_and_rows(prompt_sharing, tokenizer, tmp_path):
-    """The grouped forward reads GRPO's ids and mask once (to find the groups); the layouts' plans are made on the
+    """A grouped forward given no plan (`_prepare_inputs` makes one per generation, below) reads GRPO's ids and mask
+    once (to find the groups); the layouts' plans are made on the
     host (the cache layout's `CachePlan`), so the reads do not grow with rows or K. The first forward also runs the
     layout check once, against GRPO's own forward."""
     from test_group_forward import build as build_online
@@ -443,7 +449,7 @@ def test_an_online_forward_reads_the_device_once_whatever_k_and_rows(prompt_shar
                 trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep, compute_entropy=True)
             counts[(groups, k, call)] = ours(reads), ours(copies)
     for (groups, k, call), (reads, copies) in counts.items():
-        expected = {("group_forward.py", "group_rows"): 1}
+        expected = {("group_forward.py", "_on_host"): 1}
         if call == "first":
             expected[("layout_check.py", "layout_mismatch")] = 1
         assert reads == expected, (groups, k, call)
@@ -463,7 +469,8 @@ def scored_groups_of(trainer, groups, k):
 def test_an_online_micro_batch_makes_no_device_sync_of_its_own(cls, prompt_sharing, tokenizer, tmp_path):
     """A training micro-batch (the grouped policy forward, the loss, its backward) runs no op that makes a GPU wait
     for the host in trl_nca's code: the scored positions come from the host as indices, the prompt-cache plan and
-    its sizes too. The one device read of the grouped forward (`group_rows`, counted above) is the only one."""
+    its sizes too. The grouped forward's one copy of the rows to the host (`_on_host`, counted above) is the only
+    one."""
     from test_group_forward import build as build_online
 
     trainer = build_online(cls, tokenizer, tmp_path, prompt_sharing, num_generations=4, per_device_train_batch_size=8)
@@ -486,3 +493,42 @@ def test_an_online_micro_batch_makes_no_device_sync_of_its_own(cls, prompt_shari
         finally:
             group_forward.scored_positions = original
         assert sum(syncs.found.values()) >= 3, syncs.found
+
+
+@pytest.mark.parametrize("cls", [OnlineNCATrainer, OnlineInfoNCATrainer])
+def test_grouping_once_per_generation_leaves_the_micro_batches_no_read(cls, tokenizer, tmp_path):
+    """GRPO's schedule (4 micro-batches per generation, 2 iterations): `_prepare_inputs` copies every micro-batch of a
+    generation to the host in one read, and the policy forwards of all 8 micro-batches read nothing (the first
+    forward's layout check apart); the old-log-probability forward reads once for its 4 chunks; the log-probabilities
+    are those of the forward that reads by itself, and a plan given other rows stops the forward."""
+    from test_group_forward import build as build_online
+
+    from trl_nca.group_forward import PromptSharingMixin
+
+    trainer = build_online(cls, tokenizer, tmp_path, "mask", num_generations=4, per_device_train_batch_size=4,
+                           steps_per_generation=4, num_iterations=2)  # fmt: skip
+    trainer.model.train()
+    rows = [trainer.train_dataset[i // 4] for i in range(16)]
+    reads_per_call = []
+    for _ in range(8):
+        with host_reads() as reads:
+            inputs = trainer._prepare_inputs(rows)
+        generation_reads = ours(reads).get(("group_forward.py", "_on_host"), 0)
+        assert trainer._next_plan is not None
+        with host_reads() as reads:
+            logps = trainer._policy_forward(trainer.model, inputs)[0]
+        reads_per_call.append((generation_reads, {k: v for k, v in ours(reads).items() if k[1] != "layout_mismatch"}))
+        unplanned = PromptSharingMixin._get_per_token_logps_and_entropies(
+            trainer, trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].size(1),
+        )[0]  # fmt: skip
+        mask = inputs["completion_mask"].bool()
+        torch.testing.assert_close(logps[mask], unplanned[mask], rtol=1e-6, atol=1e-6)
+        trainer._step += 1
+    # the generation: the old-log-probability forward (one call for the 16 rows, 4 chunks) and the plans, a read each
+    assert [r for r, _ in reads_per_call] == [2, 0, 0, 0, 0, 0, 0, 0]
+    assert all(forward == {} for _, forward in reads_per_call)  # none in any micro-batch's forward
+    trainer._prepare_inputs(rows)
+    other = trainer._buffered_inputs[(trainer._step + 1) % 4]
+    with pytest.raises(RuntimeError, match="other rows than the micro-batch its plan was made for"):
+        trainer._policy_forward(trainer.model, other)

@@ -332,3 +332,25 @@ def test_a_prompt_whose_last_tokens_merge_with_its_responses(tokenizer, model, t
     assert trainer.data_collator.choose(rows) == "padded"
     trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(2 * math.log(2), rel=1e-5)  # policy == reference
+
+
+def test_scored_positions_pick_what_the_boolean_mask_picks_also_after_virtual_positions():
+    """`scoring.scored_positions` (made on the host) and `at_positions` give the entries a boolean mask of the shifted
+    labels gives, in the same order, also on a grid that prompt-learning PEFT widened with virtual positions on the
+    left; and the prompt-cache owner of each token, sized from the host's plan, is the one without the size."""
+    from trl_nca.layouts import DataCollatorForPromptCache
+    from trl_nca.layouts.prompt_cache import response_owner
+    from trl_nca.scoring import at_positions, scored_positions
+
+    completion_mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    grid = torch.randn(3, 4, 6)  # (S, L-1, hidden): one value per shifted label position
+    positions = scored_positions(completion_mask)
+    expected = grid[completion_mask[:, 1:].bool()]
+    torch.testing.assert_close(at_positions(grid, positions), expected, rtol=0, atol=0)
+    widened = torch.cat([torch.randn(3, 7, 6), grid], dim=1)  # 7 virtual positions in front
+    torch.testing.assert_close(at_positions(widened, positions), expected, rtol=0, atol=0)
+    batch = DataCollatorForPromptCache(pad_token_id=0)(
+        [{"prompt_ids": [1, 2], "completion_ids": [[3, 4, 5], [6]], "rewards": [1.0, 0.0]}]
+    )
+    unsized = dict(batch, cache_plan=None)
+    assert response_owner(batch).tolist() == response_owner(unsized).tolist() == [0, 0, 0, 1]

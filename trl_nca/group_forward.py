@@ -19,6 +19,8 @@ GRPO's forward itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from accelerate.utils import is_peft_model
 from transformers.utils import logging
@@ -51,14 +53,21 @@ def group_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_
     token here, whose value is masked out downstream; placeholder `rewards`), `members[i]` the batch rows of example
     i in response order. None when a row has no prompt token: its first completion token has no context of its own,
     and GRPO's forward scores it from a padding position, which no layout reproduces (that batch goes to GRPO's
-    forward)."""
-    prompt_length = input_ids.size(1) - logits_to_keep
+    forward). One read of the device (`group_host_rows` groups rows already on the host)."""
+    return group_host_rows(_on_host(input_ids, attention_mask), logits_to_keep)
+
+
+def _on_host(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     # one read of the device for ids and mask together (each read waits for the device's queue to drain)
-    both = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1).tolist()
-    ids, mask = (
-        [row[: input_ids.size(1)] for row in both],
-        [[bool(v) for v in row[input_ids.size(1) :]] for row in both],
-    )
+    return torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1).cpu()
+
+
+def group_host_rows(both: torch.Tensor, logits_to_keep: int):
+    """`group_rows` of a host tensor `[ids | mask]` `(rows, 2 L)`."""
+    width = both.size(1) // 2
+    prompt_length = width - logits_to_keep
+    rows = both.tolist()
+    ids, mask = [row[:width] for row in rows], [[bool(v) for v in row[width:]] for row in rows]
     groups: dict[tuple[int, ...], int] = {}
     examples, members = [], []
     for b, (row, real) in enumerate(zip(ids, mask)):
@@ -76,6 +85,47 @@ def group_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_
         example["rewards"].append(0.0)
         members[groups[prompt]].append(b)
     return examples, members
+
+
+def fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A 0-d int64 checksum of a batch's real tokens and their places, computed where the tensors are (the same value
+    on the host and on the device; no wrap-around: ids < 2^24, weights < 2^20, under 2^19 tokens)."""
+    rows, width = input_ids.shape
+    device = input_ids.device
+    weights = (torch.arange(1, rows + 1, device=device)[:, None] * 7919 + torch.arange(1, width + 1, device=device)
+               * 104729) % 1048573  # fmt: skip
+    return (input_ids.long() * attention_mask.long() * weights).sum()
+
+
+@dataclass
+class GroupPlan:
+    """One micro-batch's rows on the host, copied once per generation (`plan_micro_batches`): its `[ids | mask]`, the
+    shape and `logits_to_keep` it was made for, and its `fingerprint`, which the forward checks on the device against
+    the rows it is given (an asynchronous assert: no sync)."""
+
+    host: torch.Tensor
+    shape: tuple[int, int]
+    logits_to_keep: int
+    fingerprint: int
+
+
+def plan_micro_batches(batches: list[dict]) -> list[GroupPlan]:
+    """The `GroupPlan` of every micro-batch of a generation, from one read of the device for all of them."""
+
+    def rows_of(batch):
+        return (torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+                torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1))  # fmt: skip
+
+    pairs = [rows_of(batch) for batch in batches]
+    host = _on_host(torch.cat([ids for ids, _ in pairs]), torch.cat([mask for _, mask in pairs]))
+    plans, start = [], 0
+    for (ids, _), batch in zip(pairs, batches, strict=True):
+        part = host[start : start + ids.size(0)]
+        start += ids.size(0)
+        width = ids.size(1)
+        plans.append(GroupPlan(part, tuple(ids.shape), batch["completion_ids"].size(1),
+                               int(fingerprint(part[:, :width], part[:, width:]))))  # fmt: skip
+    return plans
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -171,7 +221,19 @@ class PromptSharingMixin:
             batch = shuffle_groups(split_pixel_values_by_grid(batch), self._shuffle_unit(len(generation_batch)))
             batches = split_tensor_dict(batch, self.args.steps_per_generation)
             self._buffered_inputs = [unsplit_pixel_values_by_grid(b) for b in batches]
-        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+            # Group once per generation: every micro-batch's plan from one read, for its policy forward(s) in every
+            # iteration (a plan belongs to these buffered inputs only: a resumed buffer is grouped per forward)
+            self._buffered_plans = (self._buffered_inputs, self._plans_for(self._buffered_inputs))
+        index = self._step % self.args.steps_per_generation
+        plans_for, plans = getattr(self, "_buffered_plans", (None, None))
+        self._next_plan = plans[index] if plans is not None and plans_for is self._buffered_inputs else None
+        return self._buffered_inputs[index]
+
+    def _plans_for(self, batches: list[dict]) -> list[GroupPlan] | None:
+        text_only = all(b.get(name) is None for b in batches for name in ("pixel_values", "image_grid_thw"))
+        if self._group_collator is None or not text_only or "prompt_ids" not in batches[0]:
+            return None
+        return plan_micro_batches(batches)
 
     def _shuffles_groups(self) -> bool:
         """Whether micro-batches hold whole groups: where prompts are shared (GRPO's per-completion shuffle leaves
@@ -194,9 +256,17 @@ class PromptSharingMixin:
                 **multimodal,
             )  # fmt: skip
 
+        # The plan `_prepare_inputs` made for this micro-batch, for its policy forward (the one with gradients)
+        plan, self._next_plan = (getattr(self, "_next_plan", None) if torch.is_grad_enabled() else None), None
         if self._group_collator is None or compute_aux_loss or any(v is not None for v in multimodal.values()):
             return grpo()
         batch_size = batch_size or input_ids.size(0)
+        if plan is not None and (plan.shape != tuple(input_ids.shape) or plan.logits_to_keep != logits_to_keep
+                                 or batch_size < input_ids.size(0)):  # fmt: skip
+            plan = None  # not the micro-batch it was made for, or not in one piece
+        # the rows on the host: the plan's copy, or one read for every chunk of this call (old and reference
+        # forwards get the whole generation batch, in chunks of `batch_size`)
+        host = plan.host if plan is not None else _on_host(input_ids, attention_mask)
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             chunk = slice(start, start + batch_size)
@@ -204,7 +274,8 @@ class PromptSharingMixin:
                 grouped = grouped_per_token(
                     model, self._group_collator, input_ids[chunk], attention_mask[chunk], logits_to_keep,
                     head=self._group_head, token_stats=compute_entropy,
-                    entropy_grad=compute_entropy and torch.is_grad_enabled(),
+                    entropy_grad=compute_entropy and torch.is_grad_enabled(), host=host[chunk],
+                    expect=None if plan is None else plan.fingerprint,
                 )  # fmt: skip
             if grouped is None:  # a row without prompt tokens, or nothing to share (the cost model picked padded)
                 return grpo()
@@ -239,6 +310,8 @@ def grouped_per_token(
     head="response",
     token_stats=True,
     entropy_grad=False,
+    host: torch.Tensor | None = None,
+    expect: int | None = None,
 ):
     """GRPO's per-token log-probabilities and entropies `(rows, logits_to_keep)` of a batch of GRPO rows
     (`[left-padded prompt | right-padded completion]`), with each prompt encoded once per group in the layout
@@ -246,8 +319,14 @@ def grouped_per_token(
     `auto`'s cost model picks the padded layout, which is GRPO's forward. `model` carries `add_response_head`.
     `token_stats=False`: no entropies (None), for the old and reference forwards. `head`: `"response"` (ours) or
     `"fused"` (the fused head GRPOTrainer puts on its policy and reference: its entropies are GRPO's own); the
-    prompt-cache layout always runs ours."""
-    grouped = group_rows(input_ids, attention_mask, logits_to_keep)
+    prompt-cache layout always runs ours. `host`: the rows already on the host (`[ids | mask]`), so that this forward
+    reads nothing from the device; `expect`: their `fingerprint`, checked on the device without a sync."""
+    grouped = group_host_rows(_on_host(input_ids, attention_mask) if host is None else host, logits_to_keep)
+    if expect is not None:
+        torch._assert_async(
+            fingerprint(input_ids, attention_mask) == expect,
+            "trl-nca: the grouped forward was given other rows than the micro-batch its plan was made for",
+        )
     if grouped is None:
         return None
     examples, members = grouped
