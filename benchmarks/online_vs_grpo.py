@@ -15,18 +15,21 @@ A knob is written after the method: `nca[reward_temperature=0.5]`, `nca[referenc
 `nca[k=4]` (K changes the questions per step so that the completions per step stay equal), `nca[logratio=mean]`
 (r_k from the mean of the completion's token log-ratios instead of their sum: per-token normalisation).
 
-Tasks (`benchmarks/online_tasks.py`): `arithmetic` (the demo's) and `partial` (two-step problems with partial credit).
-Held-out greedy answers are scored at the start, every `--eval_every` generations and at the end, with two checks:
-`strict` (the last integer is right: what the reward pays for) and `anywhere` (the right number appears in the
-answer), in all and per kind.
+Tasks (`benchmarks/online_tasks.py`): `arithmetic` (the demo's) and `twodigit` (two-digit sums and differences);
+`partial` (partial credit) is kept for the earlier study's records. Each task's question space is split once into
+train, validation and test sides (by a hash of each fact); training questions come from the train side, and the
+fixed `--split` set (validation for tuning, test for the study) is scored with greedy answers at the start, every
+`--eval_every` generations and at the end, with two checks: `strict` (the last integer is right: what the reward
+pays for) and `anywhere` (the right number appears in the answer), in all, per kind and per question.
 
 Each finished run appends one JSON line to `--records` (runs already there are skipped, so the script resumes);
 `--summarize` prints the table (mean and spread over seeds) and draws the plot from the records.
 
-    python benchmarks/online_vs_grpo.py --records R.jsonl                                   # hours on CPU
-    python benchmarks/online_vs_grpo.py --records KNOBS.jsonl --tasks partial \
-        --methods "nca[reward_temperature=0.3],nca[reward_temperature=0.1,k=4],..."
-    python benchmarks/online_vs_grpo.py --records R.jsonl,KNOBS.jsonl --summarize --plot PLOT.png
+    python benchmarks/online_vs_grpo.py --records TUNING.jsonl --split validation --seeds 100,101 \
+        --methods "nca[learning_rate=0.00025],nca,..."                                    # tuning
+    python benchmarks/online_vs_grpo.py --records R.jsonl                                   # the study: hours on CPU
+    python benchmarks/online_vs_grpo.py --records R.jsonl --summarize --plot PLOT.png       # tables, paired intervals
+    benchmarks/run_study.sh R.jsonl test "0 1 2" "arithmetic twodigit" "grpo,nca"          # one process a run
 
 The commands behind each recorded table: docs/benchmarks.md#online-nca-against-grpo-benchmarksonline_vs_grpopy.
 """

@@ -21,6 +21,7 @@ Compared with the padded layout, a row costs `len(prompt) + sum(len(r_k) + 1) - 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,27 +79,30 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
     pack_rows: bool = False
     return_tensors: str = "pt"
 
-    def _row(self, example: dict, first_response: int, index: int) -> dict[str, list[int]]:
+    def _row(self, example: dict, first_response: int, index: int) -> dict[str, torch.Tensor]:
         prompt = example["prompt_ids"]
         if not prompt:
             raise ValueError(f"The shared-prompt layout cannot take row {index} of the batch: {NO_PROMPT_TOKEN}.")
         shared = len(prompt) - 1
-        tokens, positions, segments = list(prompt[:-1]), list(range(shared)), [0] * shared
-        completion, response = [0] * shared, [-1] * shared
         budget = None if self.max_length is None else max(self.max_length - len(prompt), 0)
-        for k, answer in enumerate(example["completion_ids"]):
-            answer = answer[:budget]
-            tokens += [prompt[-1], *answer]
-            positions += list(range(shared, shared + len(answer) + 1))
-            segments += [k + 1] * (len(answer) + 1)
-            completion += [0] + [1] * len(answer)
-            response += [-1] + [first_response + k] * len(answer)
+        answers = [answer[:budget] for answer in example["completion_ids"]]
+        # Per-token values by tensor ops over the segments (the host's time per token is what collation costs): a
+        # segment is the prompt's last token and one answer
+        lengths = torch.tensor([len(answer) + 1 for answer in answers], dtype=torch.long)
+        total = sum(len(answer) + 1 for answer in answers)
+        segment = torch.repeat_interleave(torch.arange(1, len(answers) + 1), lengths, output_size=total)
+        starts = torch.cumsum(lengths, 0) - lengths
+        offset = torch.arange(total) - torch.repeat_interleave(starts, lengths, output_size=total)
+        first = offset == 0  # a segment's copy of the prompt's last token: not a response token
+        response = (first_response + segment - 1).masked_fill(first, -1)
+        zeros = torch.zeros(shared, dtype=torch.long)
         return {
-            "tokens": tokens,
-            "positions": positions,
-            "segments": segments,
-            "completion": completion,
-            "response": response,
+            "tokens": torch.tensor(list(itertools.chain(prompt[:-1], *([prompt[-1], *a] for a in answers))),
+                                   dtype=torch.long),  # fmt: skip
+            "positions": torch.cat([torch.arange(shared), shared + offset]),
+            "segments": torch.cat([zeros, segment]),
+            "completion": torch.cat([zeros, (~first).long()]),
+            "response": torch.cat([zeros - 1, response]),
         }
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -125,12 +129,12 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
             for r, row in enumerate(group):
                 n = len(row["tokens"])
                 span = slice(start, start + n)
-                input_ids[s, span] = torch.tensor(row["tokens"])
-                position_ids[s, span] = torch.tensor(row["positions"])
-                completion_mask[s, span] = torch.tensor(row["completion"])
-                response_ids[s, span] = torch.tensor(row["response"])
+                input_ids[s, span] = row["tokens"]
+                position_ids[s, span] = row["positions"]
+                completion_mask[s, span] = row["completion"]
+                response_ids[s, span] = row["response"]
                 padding_mask[s, span] = 1
-                segment_ids[s, span] = torch.tensor(row["segments"])
+                segment_ids[s, span] = row["segments"]
                 row_ids[s, span] = r
                 start += n
             position_ids[s, start:] = torch.arange(length - start)
