@@ -23,6 +23,8 @@ the step (the rollout's random tokens make generation itself nearly free). Metho
     python benchmarks/online_step.py --cells 8x256x256,8x64x128          # K x P x C
     python benchmarks/online_step.py --json benchmarks/results/online_step_cpu.json
     python benchmarks/online_step.py --cells 8x256x256 --prompts 4 --steps_per_generation 4 --methods grpo,psgrpo
+    python benchmarks/online_step.py --cells 8x32x32 --prompts 4           # the demo's settings: memory beside time
+    python benchmarks/online_step.py --cells 8x32x32 --prompts 4 --tiny_vocab 150000   # at a 150k vocabulary
 """
 
 from __future__ import annotations
@@ -143,6 +145,13 @@ def worker(method, cell, args):
     k, p, c = (int(x) for x in cell.split("x"))
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model_dir)
+    if args.tiny_vocab:  # a tiny model whose LM head is as wide as a large vocabulary's (the tokens: SmolLM2's)
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        config = LlamaConfig(vocab_size=args.tiny_vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        model = AutoModelForCausalLM.from_config(config).to(next(model.parameters()).device)
     device = next(model.parameters()).device
     rollout = random_rollout(p, c, len(tokenizer), seed=1)
     trainer = build(method, model, tokenizer, k, args.prompts, p, c, rollout, device, whole=args.whole_worker,
@@ -193,6 +202,7 @@ def run_cell(cell, whole, args):
                    "--prompts", str(args.prompts), "--model_dir", args.model_dir,
                    "--steps_per_generation", str(args.steps_per_generation)]  # fmt: skip
         command += ["--sync_debug"] if args.sync_debug else []
+        command += ["--tiny_vocab", str(args.tiny_vocab)] if args.tiny_vocab else []
         command += ["--whole_worker"] if whole else []
         run = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in run.stdout.splitlines() if line.startswith("RECORD ")]
@@ -223,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps_per_generation", type=int, default=1,
                         help="micro-batches per generation, split by the trainer (GRPO's schedule)")
     parser.add_argument("--sync_debug", action="store_true", help="count host syncs per step (CUDA)")
+    parser.add_argument("--tiny_vocab", type=int, default=None,
+                        help="a tiny random Llama (hidden 256, 4 layers) with this many tokens in its vocabulary, "
+                        "instead of SmolLM2: the LM head's memory at a large vocabulary")  # fmt: skip
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--whole_worker", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -240,7 +253,8 @@ def main(argv=None):
     whole = run_cell(args.whole, True, args) if args.whole else None
     base, others = args.methods.split(",")[0], args.methods.split(",")[1:]
     device = next((r[m]["device"] for r in rows for m in r if "device" in r[m]), "?")
-    print(f"\nSmolLM2-135M-Instruct + LoRA r=16, {device}, {args.prompts} prompt(s) x K per generation, "
+    model = f"tiny Llama, vocabulary {args.tiny_vocab}," if args.tiny_vocab else "SmolLM2-135M-Instruct"
+    print(f"\n{model} + LoRA r=16, {device}, {args.prompts} prompt(s) x K per generation, "
           f"{args.steps_per_generation} micro-batch(es) per generation, median of {args.steps} steps "
           f"(loss + backward of the fixed batch)\n")  # fmt: skip
     print("| K | prompt | completion | method | layout | baseline (s) | method (s) | time ratio | ideal token ratio | "

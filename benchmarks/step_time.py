@@ -23,6 +23,8 @@ scale is 0.25 (prompts ~30, responses ~72 tokens) so that the whole run fits in 
     python benchmarks/step_time.py                       # CPU defaults
     python benchmarks/step_time.py --scale 1 --ks 4      # UltraFeedback lengths
     python benchmarks/step_time.py --json results.json
+    python benchmarks/step_time.py --model_type gemma2 --ks 4 --ways padded,mask,cache   # a windowed tiny model
+    python benchmarks/step_time.py --model_type lfm2 --ks 4 --ways padded,cache          # a hybrid tiny model
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ DIMS = {
     "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
              "num_key_value_heads": 2, "head_dim": 128},
 }
+
+
+# --model_type: a tiny model of another family with random weights, on SmolLM2's vocabulary: a windowed one (Gemma 2:
+# sliding-window layers, 64 tokens, between full ones) or a hybrid (LFM2: short convolutions between attention
+# layers), to see the layouts' token saving where the shared prompt carries a window or the prompt cache a state
+TINY = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 64, "sliding_window": 64}  # fmt: skip
+TINY_LAYERS = {"lfm2": ["conv", "full_attention"] * 2}
 
 
 def draw_rows(k: int, rows: int, scale: float, vocab: int, seed: int) -> list[dict]:
@@ -250,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --worker K WAY: profile one more step and print its N most expensive operators",
     )
+    parser.add_argument(
+        "--model_type",
+        default=None,
+        help="a tiny model of this type (e.g. gemma2: windowed, lfm2: hybrid) with random weights on SmolLM2's "
+        "tokenizer, instead of SmolLM2",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("K", "WAY"), help="run one (K, way) in this process")
     return parser
 
@@ -266,7 +282,15 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scale = args.scale if args.scale is not None else (1.0 if device.type == "cuda" else 0.25)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.random_init:
+    if args.model_type:
+        torch.manual_seed(args.seed)
+        folder = materialize_smollm2(args.model_dir)
+        tiny = {**TINY, "vocab_size": len(AutoTokenizer.from_pretrained(folder))}
+        if args.model_type in TINY_LAYERS:
+            tiny["layer_types"] = TINY_LAYERS[args.model_type]
+        config = AutoConfig.for_model(args.model_type, **tiny, attn_implementation="sdpa")
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    elif args.random_init:
         torch.manual_seed(args.seed)
         folder = args.model_dir
         config = AutoConfig.from_pretrained(folder, attn_implementation="sdpa", **DIMS[args.dims])
@@ -305,6 +329,7 @@ def main(argv=None):
         "head": args.head,
         "weights": "random" if args.random_init else "pretrained",
         "dims": args.dims,
+        "model_type": args.model_type,
     }
     print("RECORD " + json.dumps(record), flush=True)
 
@@ -331,6 +356,7 @@ def orchestrate(args):
         ]
         + ([] if args.scale is None else ["--scale", str(args.scale)])
         + (["--random_init"] if args.random_init else [])
+        + (["--model_type", args.model_type] if args.model_type else [])
     )
     for k in [int(x) for x in args.ks.split(",")]:
         for way in args.ways.split(","):
@@ -344,8 +370,11 @@ def orchestrate(args):
             print(records[-1], flush=True)
     device_name, scale = records[0]["device"], records[0]["scale"]
 
+    model = f"tiny {args.model_type}, random weights," if args.model_type else (
+        "SmolLM2-135M-Instruct" if args.dims == "135m" else f"{args.dims} dims, random weights,"
+    )
     print(
-        f"\n{'SmolLM2-135M-Instruct' if args.dims == '135m' else f'{args.dims} dims, random weights,'} + LoRA r=16, "
+        f"\n{model} + LoRA r=16, "
         f"{device_name}, {args.rows} prompt(s) per step, lengths x{scale}, "
         f"median of {args.steps} steps (forward + backward)\n"
     )
@@ -361,8 +390,8 @@ def orchestrate(args):
         "\nRatios of `auto` (the default) to the reference way and to DPO, and of each layout to the reference way:\n"
     )
     print("| K | auto time / reference | auto memory / reference | auto per response token / dpo | "
-          "padded / ref | mask / ref | cache / ref | auto tokens / ideal |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          "auto memory / dpo | padded / ref | mask / ref | cache / ref | auto tokens / ideal |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for k in sorted({r["K"] for r in records}):
         by = {r["way"]: r for r in records if r["K"] == k}
 
@@ -372,10 +401,11 @@ def orchestrate(args):
         def per_token(way, by=by):
             return by[way]["step_s"] / by[way]["response_tokens"] if way in by else float("nan")
 
+        tokens = by["auto"]["tokens"] / by["auto"]["ideal_tokens"] if "auto" in by else float("nan")
         print(
             f"| {k} | {ratio('auto'):.2f} | {ratio('auto', 'peak_mem_mb'):.2f} | "
-            f"{per_token('auto') / per_token('dpo'):.2f} | {ratio('padded'):.2f} | {ratio('mask'):.2f} | "
-            f"{ratio('cache'):.2f} | {by['auto']['tokens'] / by['auto']['ideal_tokens']:.2f} |"
+            f"{per_token('auto') / per_token('dpo'):.2f} | {ratio('auto', 'peak_mem_mb', 'dpo'):.2f} | "
+            f"{ratio('padded'):.2f} | {ratio('mask'):.2f} | {ratio('cache'):.2f} | {tokens:.2f} |"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -25,10 +25,17 @@ from trl.trainer.utils import add_fused_lm_head
 
 from trl_nca.forward import response_token_logps, sum_by_response
 from trl_nca.group_forward import grouped_per_token
-from trl_nca.layout_check import own_forward_logps
-from trl_nca.layouts import cache_blocker, choose_layout, make_collator, mask_blocker, shared_blocker
+from trl_nca.layout_check import model_logit_transform
+from trl_nca.layouts import (
+    cache_blocker,
+    choose_layout,
+    length_dependent_rope,
+    make_collator,
+    mask_blocker,
+    shared_blocker,
+)
 from trl_nca.layouts.blockers import PREFIX_LM
-from trl_nca.scoring import add_response_head
+from trl_nca.scoring import add_response_head, set_logit_transform
 
 VOCAB = 400
 LAYOUTS = ("padded", "mask", "cache")
@@ -67,12 +74,38 @@ TEXT_MODELS = {
     "hunyuan_v1_dense": {}, "ernie4_5": {}, "internlm3": {}, "apertus": {},
 }  # fmt: skip
 # Image-text-to-text model types, on text rows (image rows: tests/test_images.py); overrides of the text config
+# (`model_type`: another text model inside the wrapper). Cohere2Vision, LLaVA-NeXT with a Granite text model and
+# Gemma 3 carry a logit transform in their text config that the wrapper's own forward never applies
 VLM_MODELS = {
     "llava": {}, "qwen2_vl": {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1]}},
-    "qwen2_5_vl": {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1]}}, "gemma3": {},
-    "idefics3": {}, "smolvlm": {}, "paligemma": {},
+    "qwen2_5_vl": {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1]}},
+    "gemma3": {"final_logit_softcapping": 2.0}, "idefics3": {}, "smolvlm": {}, "paligemma": {},
+    "cohere2_vision": {"logit_scale": 0.5}, "llava_next": {"model_type": "granite", "logits_scaling": 8.0},
 }  # fmt: skip
-MODEL_TYPES = (*TEXT_MODELS, *VLM_MODELS)
+# Rotary embeddings of every kind transformers has, on Llama, with sequences (up to 20 tokens) past the length where
+# the scaled ones change (12); `dynamic` and `longrope` change with a forward's largest position
+ROPE_MODELS = {
+    f"llama (rope {kind})": {"rope_parameters": {"rope_type": kind, "rope_theta": 10000.0, **extra},
+                             "max_position_embeddings": 12 if kind == "dynamic" else 48}
+    for kind, extra in [
+        ("default", {}), ("linear", {"factor": 2.0}), ("dynamic", {"factor": 2.0}),
+        ("longrope", {"short_factor": [1.0, 1.1, 1.2, 1.3], "long_factor": [2.0, 2.5, 3.0, 3.5],
+                      "original_max_position_embeddings": 12}),
+        ("yarn", {"factor": 2.0, "original_max_position_embeddings": 12}),
+        ("llama3", {"factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 12}),
+    ]
+}  # fmt: skip
+# Other variants of a model type: Phi-3 with a window as long as its context (Phi-3.5-mini, Phi-4-mini), which never
+# applies
+VARIANTS = {
+    **{name: ("llama", overrides) for name, overrides in ROPE_MODELS.items()},
+    "phi3 (window 262144)": ("phi3", {"sliding_window": 262144}),
+}
+MODEL_TYPES = (*TEXT_MODELS, *VLM_MODELS, *VARIANTS)
+# The LM head's weights are multiplied by this, so that logits are large (a standard deviation of about 10) and a
+# softcap or a scale of the logits changes them: a head that drops a model's transform fails its cells
+LOGIT_GAIN = 100.0
 
 
 def _small(config: dict, overrides: dict) -> dict:
@@ -86,31 +119,38 @@ def _small(config: dict, overrides: dict) -> dict:
 
 
 def build(model_type: str, seed: int = 0):
-    """A tiny random float32 model of `model_type` (eval mode, `sdpa` where supported)."""
+    """A tiny random float32 model of `model_type` (a key of `MODEL_TYPES`; eval mode, `sdpa` where supported), its
+    LM head multiplied by `LOGIT_GAIN`."""
     torch.manual_seed(seed)
-    default = AutoConfig.for_model(model_type)
     if model_type in VLM_MODELS:
+        default = AutoConfig.for_model(model_type)
         parts = {}
         for name in ("text_config", "vision_config"):
             part = getattr(default, name)
-            parts[name] = {**_small(part.to_dict(), VLM_MODELS[model_type] if name == "text_config" else {}),
-                           "model_type": part.model_type}  # fmt: skip
+            overrides = dict(VLM_MODELS[model_type]) if name == "text_config" else {}
+            kind = overrides.pop("model_type", part.model_type)
+            base = part.to_dict() if kind == part.model_type else AutoConfig.for_model(kind).to_dict()
+            parts[name] = {**_small(base, overrides), "model_type": kind}
         config = AutoConfig.for_model(model_type, **parts)
         model = AutoModelForImageTextToText.from_config(config)
     else:
-        config = AutoConfig.for_model(model_type, **_small(default.to_dict(), TEXT_MODELS[model_type]))
+        kind, overrides = VARIANTS.get(model_type, (model_type, TEXT_MODELS.get(model_type)))
+        config = AutoConfig.for_model(kind, **_small(AutoConfig.for_model(kind).to_dict(), overrides))
         model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(LOGIT_GAIN)
     return model.float().eval()
 
 
 def k_response_rows(seed: int = 0) -> list[dict]:
-    """Three tokenized rows: prompts of 7, 11 and 3 tokens, K = 3, 2, 3 responses of 2 to 9 tokens."""
+    """Three tokenized rows: prompts of 7, 11 and 3 tokens, K = 6, 2, 3 responses of 2 to 9 tokens (the first row,
+    with its responses after its prompt, is more than twice as long as any prompt+response)."""
     generator = torch.Generator().manual_seed(seed)
 
     def tokens(n):
         return torch.randint(3, VOCAB, (n,), generator=generator).tolist()
 
-    shapes = [(7, [5, 2, 9]), (11, [4, 8]), (3, [6, 3, 2])]
+    shapes = [(7, [5, 2, 9, 8, 7, 6]), (11, [4, 8]), (3, [6, 3, 2])]
     return [
         {"prompt_ids": tokens(p), "completion_ids": [tokens(r) for r in rs], "rewards": [0.0] * len(rs)}
         for p, rs in shapes
@@ -149,7 +189,10 @@ def _padded_forward(model, rows, weights):
     model.zero_grad()
     batch = make_collator("padded", pad_token_id=0, max_length=None, truncation_mode="keep_start",
                           pad_to_multiple_of=None)(rows)  # fmt: skip
-    values = own_forward_logps(model, batch).double()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    labels = batch["input_ids"][:, 1:]
+    per_token = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
+    values = (per_token * batch["completion_mask"][:, 1:]).sum(-1)
     (values * weights).sum().backward()
     return values.detach(), _gradient(model)
 
@@ -158,10 +201,16 @@ def _gradient(model) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
 
 
+def _collator(model, layout):
+    """The layout's collator as the trainers make it for `model`."""
+    return make_collator(layout, pad_token_id=0, max_length=None, truncation_mode="keep_start",
+                         pad_to_multiple_of=None,
+                         match_padded_positions=length_dependent_rope(model.config) is not None)  # fmt: skip
+
+
 def _layout(model, rows, layout, weights):
     model.zero_grad()
-    batch = make_collator(layout, pad_token_id=0, max_length=None, truncation_mode="keep_start",
-                          pad_to_multiple_of=None)(rows)  # fmt: skip
+    batch = _collator(model, layout)(rows)
     outputs, owner = response_token_logps(model, batch, head="response", mask_dtype=torch.float32)
     values = sum_by_response(outputs.log_probs, owner, int(batch["response_mask"].sum()))
     (values * weights).sum().backward()
@@ -174,17 +223,28 @@ def _differs(found, expected, atol, rtol) -> float | None:
     return float(gap.max()) if bool((gap > atol + rtol * expected.abs()).any()) else None
 
 
+def batch_reference(model) -> str | None:
+    """Why one sequence alone is not what trains (the reference is then the model's forward on the padded batch), or
+    None: a prefix-LM's forward attends both ways over a whole input given without token_type_ids (as DPOTrainer
+    gives text rows); dynamic and longrope rotary frequencies follow the longest position of the batch."""
+    if model.config.model_type in PREFIX_LM:
+        return "prefix-LM"
+    rope = length_dependent_rope(model.config)
+    return None if rope is None else "longrope" if rope[0] == "longrope" else f"{rope[0]} rope"
+
+
 def offline_cells(model) -> dict[str, str]:
-    """Each offline layout on `model`: `equal` (per-response log-probabilities to 1e-4 relative, gradients to 1e-4 of
-    the largest), `refused: ...`, or `MISMATCH ...`."""
+    """Each offline layout on `model`, with the logit transform the trainers read from it (`model_logit_transform`):
+    `equal` (per-response log-probabilities to 1e-4 relative, gradients to 1e-4 of the largest), `refused: ...`, or
+    `MISMATCH ...`."""
     add_response_head(model)
     rows = k_response_rows()
+    transform, _ = model_logit_transform(model, rows[0]["prompt_ids"][:4])
+    if transform is not None:  # else the config's, which the cells then show wrong
+        set_logit_transform(model, transform)
     weights = torch.linspace(-1, 1, sum(len(r["completion_ids"]) for r in rows), dtype=torch.float64)
-    # A prefix-LM's forward attends both ways over a whole input given without token_type_ids (as DPOTrainer gives
-    # text rows), so one sequence alone is not what trains: the reference is its forward on the padded batch
-    expected, expected_grad = (_padded_forward if model.config.model_type in PREFIX_LM else _separate)(
-        model, rows, weights
-    )
+    batch = batch_reference(model)
+    expected, expected_grad = (_padded_forward if batch else _separate)(model, rows, weights)
     out = {}
     for layout, reason in reasons(model).items():
         out[layout] = f"refused: {reason}"
@@ -201,7 +261,7 @@ def offline_cells(model) -> dict[str, str]:
         if value_gap is not None or grad_gap is not None:
             out[layout] = f"MISMATCH: log-probs off by {value_gap}, gradients by {grad_gap}"
         else:
-            out[layout] = "equal (padded forward: prefix-LM)" if model.config.model_type in PREFIX_LM else "equal"
+            out[layout] = f"equal (padded forward: {batch})" if batch else "equal"
     return out
 
 
@@ -263,11 +323,11 @@ def online_cells(model) -> dict[str, str]:
     for layout in LAYOUTS:
         if layout in out:
             continue
-        collator = make_collator(layout, pad_token_id=0, max_length=None, truncation_mode="keep_start",
-                                 pad_to_multiple_of=None)  # fmt: skip
+        collator = _collator(model, layout)
         try:
             with torch.no_grad():
-                found = grouped_per_token(model, collator, ids, mask, keep, token_stats=True)
+                found = grouped_per_token(model, collator, ids, mask, keep, token_stats=True,
+                                          match_positions=length_dependent_rope(model.config) is not None)  # fmt: skip
         except Exception as error:
             out[layout] = f"MISMATCH: {type(error).__name__}: {str(error)[:200]}"
             continue
@@ -329,3 +389,22 @@ if __name__ == "__main__":
             print(table_row(model_type, *cells(model_type)), flush=True)
         except Exception as error:
             print(model_type, "FAILED", type(error).__name__, str(error)[:300], flush=True)
+
+
+def bf16_cells(model_type: str, force: str | None = None) -> dict[str, str | None]:
+    """Each layout the model is allowed (and `force`, allowed or not) on a bfloat16 copy of it, as the layout check
+    compares it: per token against the model's own forward on the padded rows, at the check's half-precision
+    tolerance. `{layout: None}` where it passes, the mismatch in words where it does not."""
+    from trl_nca.layout_check import layout_token_logps, own_forward_token_logps, token_mismatch
+
+    model = build(model_type).to(torch.bfloat16)
+    add_response_head(model)
+    rows = k_response_rows()
+    padded = _collator(model, "padded")(rows)
+    out = {}
+    with torch.no_grad():
+        expected, index = own_forward_token_logps(model, padded)
+        for layout in [name for name in LAYOUTS if name not in reasons(model)] + ([force] if force else []):
+            values = layout_token_logps(model, _collator(model, layout)(rows), "response", torch.bfloat16)
+            out[layout] = token_mismatch(values[index], expected, half=True)
+    return out

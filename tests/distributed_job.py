@@ -196,6 +196,111 @@ def engines(out: str, per_device: str) -> None:
     finish(trainer.accelerator)
 
 
+# `diverge`: the ranks get batches that take different paths, the case that hung before every rank checked the same
+# rows: under `auto`, rank 0's prompts are long (the grouped forward shares them) and rank 1's are one token (the
+# padded layout, GRPO's own forward) or have no token at all (GRPO's forward, in the second chunk of a reference
+# forward); offline, rank 0's rows share a long prompt and rank 1's have one-token prompts
+LONG_PROMPT = "Write a long poem about the sea and the wind and the stars. " * 4
+
+
+def divergent_rollout(prompts, trainer):
+    """A `rollout_func`: the long prompt through the chat template; "one" as one token; "none" with no token."""
+    tokenizer = trainer.processing_class
+    group_size = trainer.num_generations
+    first = trainer.accelerator.process_index * len(prompts)
+    prompt_ids, completion_ids = [], []
+    for i, prompt in enumerate(prompts):
+        text = prompt[-1]["content"]
+        if text == "one":
+            ids = [tokenizer.eos_token_id]
+        elif text == "none":
+            ids = []
+        else:
+            ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"])  # fmt: skip
+        prompt_ids.append(ids)
+        k = (first + i) % group_size  # the completion's place in its group, wherever the group lands
+        answer = " hello world" * (1 + len(ids) % 3) + "!" * k  # rewards (by length) that differ in a group
+        completion_ids.append(tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids,
+            "logprobs": [[0.0] * len(ids) for ids in completion_ids]}  # fmt: skip
+
+
+def divergent_online(name, per_device, tokenizer):
+    """2 steps of an online trainer under `auto`, groups of 4 on prompts [long, one, long2, one] in this order.
+    `steps_per_generation=1` (the first grouped forward is the policy's, through DDP): on 2 processes, rank 0 takes
+    the long prompts and rank 1 the one-token ones, a step each; one process takes [long, one] then [long2, one].
+    `nca-initial`: `steps_per_generation=2` with the initial reference, whose forward runs in chunks of a micro-batch:
+    on 2 processes rank 0's are [long], [one] and rank 1's [long2], [none] (GRPO's forward in its second chunk)."""
+    from online_helpers import length_reward, online_args
+
+    from trl_nca import OnlineNCATrainer, PromptSharingGRPOTrainer
+
+    # (a rank whose generation batch has no prompt token at all stops GRPO itself: its padded prompts are float)
+    prompts = [LONG_PROMPT, "one", LONG_PROMPT + "Again.", "none" if name == "nca-initial" else "one"]
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": text}]} for text in prompts])
+    settings = dict(optim="sgd", learning_rate=0.1, max_steps=2, per_device_train_batch_size=per_device,
+                    shuffle_dataset=False, num_generations=4, logging_steps=1)  # fmt: skip
+    if name == "nca-initial":  # one generation of 2 micro-batches; its reference forward in 2 chunks of a group each
+        settings.update(reference="initial", steps_per_generation=2)
+    args = online_args(Path(tempfile.mkdtemp()), prompt_sharing="auto", **settings)
+    common = dict(model=build_model(tokenizer), reward_funcs=length_reward, train_dataset=dataset,
+                  processing_class=tokenizer, rollout_func=divergent_rollout)  # fmt: skip
+    if name == "grpo":
+        from helpers import CPU
+        from trl import GRPOConfig
+
+        grpo_args = GRPOConfig(output_dir=args.output_dir, **{**CPU, **settings, "max_completion_length": 8})
+        return PromptSharingGRPOTrainer(args=grpo_args, prompt_sharing="auto", **common)
+    return OnlineNCATrainer(args=args, **common)
+
+
+def divergent_offline(name, per_device, tokenizer):
+    """2 steps of NCATrainer under `auto`: rank 0's rows share a long prompt among 4 responses, rank 1's have
+    one-token prompts (the cost model picks another layout on each rank)."""
+    long = LONG_PROMPT * 2
+    rows = [{"prompt": long, "completions": [f" answer {j} " * (1 + j) for j in range(4)],
+             "rewards": [float(j) for j in range(4)]} for _ in range(2)]  # fmt: skip
+    rows += [{"prompt": "a", "completions": [" b c" * 20, " c d" * 20], "rewards": [1.0, 0.0]} for _ in range(2)]
+    # half the online batch: rank 0 takes rows 0-1, rank 1 rows 2-3 (no shuffle); one process takes all 4
+    args = nca_args(Path(tempfile.mkdtemp()), optim="sgd", learning_rate=0.1, max_steps=2, prompt_sharing="auto",
+                    per_device_train_batch_size=per_device // 2)  # fmt: skip
+    trainer = NCATrainer(model=build_model(tokenizer), args=args, train_dataset=Dataset.from_list(rows * 2),
+                         processing_class=tokenizer)  # fmt: skip
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(trainer.train_dataset)
+    return trainer
+
+
+DIVERGE = {"grpo": divergent_online, "nca": divergent_online, "nca-initial": divergent_online,
+           "offline": divergent_offline}  # fmt: skip
+
+
+def diverge(out: str, per_device: str) -> None:
+    folder, tokenizer = Path(out), build_tokenizer()
+    record = {}
+    for case, build in DIVERGE.items():
+        trainer = build(case, int(per_device), tokenizer)
+        trainer.train()
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        collator = getattr(trainer, "_group_collator", None) or trainer.data_collator
+        record[case] = {
+            "engine": engine(trainer.accelerator),
+            "loss": [entry["loss"] for entry in logs],
+            "grad_norm": [entry["grad_norm"] for entry in logs],
+            # the layouts this rank's batches went to ("grpo": GRPO's own forward)
+            "counts": gather_counts(trainer, getattr(collator, "counts", {})),
+        }
+    if trainer.accelerator.is_main_process:
+        (folder / "record.json").write_text(json.dumps(record))
+    finish(trainer.accelerator)
+
+
+def gather_counts(trainer, counts: dict) -> list[dict]:
+    from accelerate.utils import gather_object
+
+    return gather_object([dict(counts)])
+
+
 def finish(accelerator) -> None:
     """Leave together, and without destructors when there are several processes: with gloo on CPU a process that
     exits first can abort in the process group's teardown ("terminate called without an active exception", seen in
@@ -208,4 +313,4 @@ def finish(accelerator) -> None:
 
 
 if __name__ == "__main__":
-    {"probe": probe, "precompute": precompute, "engines": engines}[sys.argv[1]](*sys.argv[2:])
+    {"probe": probe, "precompute": precompute, "engines": engines, "diverge": diverge}[sys.argv[1]](*sys.argv[2:])

@@ -82,9 +82,13 @@ def test_online_rows_without_a_prompt_token_go_to_grpos_forward(tokenizer, tmp_p
 
 
 def windowed_model_unknown_to_the_blockers(monkeypatch, module):
-    """A Mistral with a 4-token window, and the blockers told it has none: a model they do not know. The
-    shared-prompt layout's 4D mask ignores the window; the prompt-cache layout keeps it."""
-    monkeypatch.setattr(module, "mask_blocker", lambda model: None)
+    """A Mistral with a 4-token window, and the layouts told it has none: a model they do not know. The shared-prompt
+    layout's 4D mask then carries no window (transformers applies one only to masks it builds); the prompt-cache
+    layout keeps it (on top of a cache transformers builds the mask)."""
+    import trl_nca.forward
+
+    monkeypatch.setattr(module, "mask_blocker", lambda model, *args: None)
+    monkeypatch.setattr(trl_nca.forward, "attention_windows", lambda model, *args: (None, None))
     return build("mistral")
 
 

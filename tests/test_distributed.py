@@ -209,6 +209,40 @@ def test_every_trainer_under_the_engine_equals_one_process(name, one_process, tm
         assert error <= 1e-5 * sum(delta.square().sum() for delta in expected_moves.values()).sqrt(), case
 
 
+@pytest.fixture(scope="module")
+def diverge_one_process(tmp_path_factory):
+    """The `diverge` job of tests/distributed_job.py as one plain process, with both ranks' rows in each batch."""
+    folder = tmp_path_factory.mktemp("diverge_one")
+    run([sys.executable, "tests/distributed_job.py", "diverge", str(folder), "8"])
+    return json.loads((folder / "record.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["DDP", "ZeRO-3"])
+def test_ranks_whose_batches_take_different_paths_finish_together(name, diverge_one_process, tmp_path):
+    """Under `auto`, rank 0's prompts are long and rank 1's one token (online: PromptSharingGRPOTrainer and
+    OnlineNCATrainer, the first grouped forward being the policy's; OnlineNCATrainer with the initial reference, whose
+    forward falls back to GRPO's in its second chunk on one rank; offline: NCATrainer). The ranks take different
+    paths (the layout each rank's batches went to), every rank runs the same forwards (before, only the rank that
+    shared its prompts ran the layout check's extra forward, and DDP's buffer broadcast or ZeRO-3's gathers waited
+    forever: killed at 300 s), and the steps equal one process with the same global batch."""
+    if name == "ZeRO-3":
+        deepspeed_or_skip()
+    launcher = {"DDP": [*ACCELERATE, *DDP], "ZeRO-3": zero(3)}[name]
+    run([*launcher, "tests/distributed_job.py", "diverge", str(tmp_path), "4"], timeout=240)
+    two, one = json.loads((tmp_path / "record.json").read_text()), diverge_one_process
+    for case in ("grpo", "nca"):
+        shared, alone = two[case]["counts"]
+        assert set(shared) <= {"mask", "cache"} and shared and alone == {"grpo": 2}, (case, two[case]["counts"])
+        assert two[case]["loss"] + two[case]["grad_norm"] == pytest.approx(one[case]["loss"] + one[case]["grad_norm"],
+                                                                           rel=1e-5), case  # fmt: skip
+    assert two["nca-initial"]["loss"][0] == pytest.approx(2 * math.log(2), abs=1e-6)  # reference = policy
+    assert "grpo" in two["nca-initial"]["counts"][0]  # rank 0's second chunk, one token, went to GRPO's forward
+    shared, alone = two["offline"]["counts"]
+    assert set(shared) <= {"mask", "cache"} and shared and alone == {"padded": 2}, two["offline"]["counts"]
+    offline = two["offline"]["loss"] + two["offline"]["grad_norm"]
+    assert offline == pytest.approx(one["offline"]["loss"] + one["offline"]["grad_norm"], rel=1e-5)
+
+
 def documented_deepspeed_cpu_command() -> list[str]:
     """The command of recipes/README.md's "DeepSpeed on CPU" section, as its words."""
     text = (ROOT / "recipes" / "README.md").read_text()

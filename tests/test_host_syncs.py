@@ -451,7 +451,7 @@ def test_an_online_forward_reads_the_device_once_whatever_k_and_rows(prompt_shar
     for (groups, k, call), (reads, copies) in counts.items():
         expected = {("group_forward.py", "_on_host"): 1}
         if call == "first":
-            expected[("layout_check.py", "layout_mismatch")] = 1
+            expected[("layout_check.py", "token_mismatch")] = 1  # the layout check, once, before any layout runs
         assert reads == expected, (groups, k, call)
         if call == "later":  # every copy from the host goes through the pinned, non-blocking `_to_device`;
             # `response_log_probs` moves the model's hidden states to the head's device (device to device, a no-op
@@ -517,7 +517,7 @@ def test_grouping_once_per_generation_leaves_the_micro_batches_no_read(cls, toke
         assert trainer._next_plan is not None
         with host_reads() as reads:
             logps = trainer._policy_forward(trainer.model, inputs)[0]
-        reads_per_call.append((generation_reads, {k: v for k, v in ours(reads).items() if k[1] != "layout_mismatch"}))
+        reads_per_call.append((generation_reads, {k: v for k, v in ours(reads).items() if k[1] != "token_mismatch"}))
         unplanned = PromptSharingMixin._get_per_token_logps_and_entropies(
             trainer, trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
             torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].size(1),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from .layouts import layout_of, model_inputs, response_owner
+from .layouts import attention_windows, layout_of, model_inputs, response_owner
 from .scoring import ResponseHeadOutput, at_positions
 
 
@@ -21,8 +21,9 @@ def response_token_logps(model, inputs: dict, *, head: str, mask_dtype: torch.dt
     (`output_router_logits`, `token_stats`, `entropy_grad`). A batch with `label_positions` (`scored_positions`,
     made on the host) picks its scored tokens by those indices, not by a boolean mask, whose size a GPU would have to
     send back to the host first."""
-    attn_implementation = extract_model_from_parallel(model).config._attn_implementation
-    kwargs = model_inputs(inputs, attn_implementation, mask_dtype) | forward_kwargs
+    unwrapped = extract_model_from_parallel(model)
+    windows = attention_windows(unwrapped)[0] if "segment_ids" in inputs else None
+    kwargs = model_inputs(inputs, unwrapped.config._attn_implementation, mask_dtype, windows) | forward_kwargs
     if layout_of(inputs) == "cache":
         return model(**kwargs, response_head=True), response_owner(inputs)
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)

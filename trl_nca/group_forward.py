@@ -28,15 +28,17 @@ from trl import GRPOTrainer
 from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
 from .forward import response_token_logps
-from .layout_check import layout_mismatch
+from .layout_check import run_online_check
 from .layouts import (
     DataCollatorForAnyLayout,
     ModelShape,
     cache_blocker,
     choose_layout,
+    length_dependent_rope,
     make_collator,
     mask_blocker,
     ranks_in_step,
+    reach_position,
     sharded_parameters,
     shared_blocker,
 )
@@ -194,6 +196,7 @@ class PromptSharingMixin:
             DataCollatorForAnyLayout(collators, shape) if len(collators) > 1 else next(iter(collators.values()))
         )
         self._group_layouts = choice.allowed
+        self._group_positions = length_dependent_rope(unwrapped.config) is not None
         # The LM head as the offline trainers choose it: TRL's fused head on CUDA (GRPOTrainer puts it on the policy
         # and the reference; it keeps less memory there), ours elsewhere, where TRL's scores every position
         self._group_head, why = head_choice(unwrapped, self.accelerator.device)
@@ -267,6 +270,10 @@ class PromptSharingMixin:
         # the rows on the host: the plan's copy, or one read for every chunk of this call (old and reference
         # forwards get the whole generation batch, in chunks of `batch_size`)
         host = plan.host if plan is not None else _on_host(input_ids, attention_mask)
+        if not self._group_checked:  # the layout check, once, before any layout is read (every rank is here now)
+            run_online_check(self, model, host[:batch_size], logits_to_keep)
+            if self._group_collator is None:
+                return grpo()
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             chunk = slice(start, start + batch_size)
@@ -275,28 +282,16 @@ class PromptSharingMixin:
                     model, self._group_collator, input_ids[chunk], attention_mask[chunk], logits_to_keep,
                     head=self._group_head, token_stats=compute_entropy,
                     entropy_grad=compute_entropy and torch.is_grad_enabled(), host=host[chunk],
-                    expect=None if plan is None else plan.fingerprint,
+                    expect=None if plan is None else plan.fingerprint, match_positions=self._group_positions,
                 )  # fmt: skip
-            if grouped is None:  # a row without prompt tokens, or nothing to share (the cost model picked padded)
-                return grpo()
+            if grouped is None:  # a row without prompt tokens, or nothing to share (the cost model picked padded):
+                # GRPO's forward for this chunk alone (one forward per chunk either way, as on every other rank)
+                grouped = super()._get_per_token_logps_and_entropies(
+                    model, input_ids[chunk], attention_mask[chunk], logits_to_keep, None, compute_entropy, False,
+                )  # fmt: skip
             logps.append(grouped[0])
             entropies.append(grouped[1])
         logps, entropies = torch.cat(logps), (torch.cat(entropies) if compute_entropy else None)
-        if not self._group_checked:  # the layout check, once: GRPO's own forward on the same rows
-            self._group_checked = True
-            expected = grpo()
-            low_precision = self.args.bf16 or self.args.fp16 or logps.dtype != torch.float32
-            # Rows whose prompt has no left padding: there GRPO's positions are generation's for every model (GRPO
-            # counts left pads into the positions of absolute-position models, docs/architectures.md)
-            completions = attention_mask[:, -logits_to_keep:] * attention_mask[:, :1]
-            mismatch = layout_mismatch(logps, expected[0], completions, low_precision=low_precision)
-            if mismatch:
-                logger.warning(
-                    f"prompt_sharing={self.prompt_sharing!r}: the grouped forward differs from GRPO's on the first "
-                    f"batch ({mismatch}); this model is trained with GRPO's forward for the rest of the run."
-                )
-                self._group_collator = None
-                return expected
         return logps, (entropies if compute_entropy else None), None
 
 
@@ -312,6 +307,7 @@ def grouped_per_token(
     entropy_grad=False,
     host: torch.Tensor | None = None,
     expect: int | None = None,
+    match_positions: bool = False,
 ):
     """GRPO's per-token log-probabilities and entropies `(rows, logits_to_keep)` of a batch of GRPO rows
     (`[left-padded prompt | right-padded completion]`), with each prompt encoded once per group in the layout
@@ -320,7 +316,8 @@ def grouped_per_token(
     `token_stats=False`: no entropies (None), for the old and reference forwards. `head`: `"response"` (ours) or
     `"fused"` (the fused head GRPOTrainer puts on its policy and reference: its entropies are GRPO's own); the
     prompt-cache layout always runs ours. `host`: the rows already on the host (`[ids | mask]`), so that this forward
-    reads nothing from the device; `expect`: their `fingerprint`, checked on the device without a sync."""
+    reads nothing from the device; `expect`: their `fingerprint`, checked on the device without a sync.
+    `match_positions`: give the shared-prompt layout GRPO's largest position id (`length_dependent_rope`)."""
     grouped = group_host_rows(_on_host(input_ids, attention_mask) if host is None else host, logits_to_keep)
     if expect is not None:
         torch._assert_async(
@@ -335,6 +332,8 @@ def grouped_per_token(
         collator.counts["grpo"] = collator.counts.get("grpo", 0) + 1
         return None
     batch = collator(examples)
+    if match_positions and "segment_ids" in batch:  # GRPO's forward's largest position: its rows' width - 1
+        batch = reach_position(batch, input_ids.size(1) - 1, collator.pad_token_id)
     if "completion_mask" in batch:  # the scored positions as indices, from the host (no size read on the device)
         batch["label_positions"] = scored_positions(batch["completion_mask"])
     batch = {k: _to_device(v, input_ids.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
 from transformers.utils import ModelOutput, logging
 
 logger = logging.get_logger(__name__)
@@ -58,11 +58,19 @@ class LogitTransform:
         return logits
 
 
-# Rows of the (tokens x vocab) logits built at a time
-CHUNK_TOKENS = 1024
-# The log-softmax of a chunk is kept for the backward pass while the kept ones stay under this size; beyond it a
-# chunk is recomputed in the backward pass instead (memory bounded, one more head matmul for that chunk)
-KEEP_BYTES = 1 << 30
+# Bytes of (tokens x vocab) float32 logits built at a time: a chunk holds this many bytes' worth of tokens (about 340
+# tokens at SmolLM2's vocabulary of 49,152, 110 at 150,000), so a chunk's logits, log-softmax and their temporaries
+# stay small whatever the vocabulary
+CHUNK_BYTES = 64 << 20
+# The log-softmax of the first chunks is kept for the backward pass while the kept ones stay under this size (no
+# recomputation: the fastest on a CPU); the tokens past it go through TRL's chunked log-probability function, which
+# keeps only a few numbers per token and recomputes its logits in the backward pass
+KEEP_BYTES = 256 << 20
+
+
+def chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk of logits at this vocabulary size (`CHUNK_BYTES`)."""
+    return max(1, CHUNK_BYTES // (4 * vocab))
 
 
 @dataclass
@@ -80,30 +88,33 @@ class ResponseHeadOutput(ModelOutput):
 
 def head_choice(model, device: torch.device) -> tuple[str, str]:
     """`("response", why)` for this module's head, or `("fused", why)` for TRL's: TRL's scores only labelled
-    positions on Triton devices (CUDA) and recomputes its logits in backward, so it is kept there for its memory (ours
-    keeps up to KEEP_BYTES of log-softmax; docs/layouts.md has the H200 numbers); ours everywhere else, unless
-    the layout check finds that ours does not give the model's own log-probabilities (`trl_nca.layout_check`)."""
+    positions on Triton devices (CUDA) with its Triton kernels, so it is kept there; ours everywhere else (TRL's
+    scores every position there), unless the layout check finds that ours does not give the model's own
+    log-probabilities and TRL's does (`trl_nca.layout_check`)."""
     if device.type == "cuda":
-        return "fused", "on CUDA, TRL's fused head scores only labelled positions and recomputes logits in backward"
+        return "fused", "on CUDA, TRL's fused head scores only labelled positions with its Triton kernels"
     return "response", f"on {device.type}, TRL's fused head would score every position"
 
 
-def _project(lm_head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The head's output for `hidden`, through the module itself where it can be called: DeepSpeed ZeRO-3 gathers a
-    partitioned weight in the module's hooks (also when a chunk is recomputed in the backward pass), a LoRA adapter on
-    the head applies, and GRPO's `cast_lm_head_to_fp32` forward runs. FSDP2 keeps the weight a DTensor while the
-    hidden states are a plain tensor: that one is gathered by hand."""
-    weight, bias = lm_head.weight, lm_head.bias
-    if hasattr(weight, "full_tensor"):
-        return torch.nn.functional.linear(hidden, weight.full_tensor(), None if bias is None else bias.full_tensor())
-    return lm_head(hidden)
+def _sharded_weight(lm_head: torch.nn.Module) -> bool:
+    """Whether the head's weight is sharded and gathered per use: DeepSpeed ZeRO-3 (`ds_id`) or FSDP2 (a DTensor).
+    Such a head is gathered once per forward (and once per backward), never per chunk: the number of gathers must
+    not depend on a rank's batch, or ranks with different token counts would wait on each other forever."""
+    weight = lm_head.weight
+    return hasattr(weight, "ds_id") or hasattr(weight, "full_tensor")
+
+
+def _plain_linear(lm_head: torch.nn.Module) -> bool:
+    """A head whose output is `hidden @ weight.T (+ bias)`: TRL's chunked function can read its weight directly. A
+    head wrapped by PEFT (an adapter on the head, `modules_to_save`) or quantized runs through its own forward."""
+    return type(lm_head) is torch.nn.Linear
 
 
 def _log_probs_of_chunk(hidden, lm_head, labels, temperature, transform, fp32, token_stats, entropy_grad):
     # GRPO's cast_lm_head_to_fp32: the head in float32 outside autocast (its own forward casts the weight)
     cast = torch.autocast(hidden.device.type, enabled=False) if fp32 else contextlib.nullcontext()
     with cast:
-        logits = transform(_project(lm_head, hidden.float() if fp32 else hidden)).float()
+        logits = transform(lm_head(hidden.float() if fp32 else hidden)).float()
     if temperature != 1.0:  # GRPO scores completions at its sampling temperature
         logits = logits / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
@@ -118,6 +129,31 @@ def _log_probs_of_chunk(hidden, lm_head, labels, temperature, transform, fp32, t
     return chosen, entropy, is_top1
 
 
+def _log_probs_recomputed(hidden, lm_head, labels, temperature, transform, fp32, token_stats, entropy_grad):
+    """`_log_probs_of_chunk` for many tokens through TRL's chunked log-probability function
+    (`trl.kernels.ChunkedLogProbFunction`): tiles of logits never kept, recomputed in the backward pass, the head's
+    weight read directly (gathered once per call under ZeRO-3, whole under FSDP2, as TRL's fused head does)."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    weight, bias = lm_head.weight, lm_head.bias
+    if hasattr(weight, "full_tensor"):  # FSDP2: gathered once, as TRL's fused head does
+        weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+    cast = torch.autocast(hidden.device.type, enabled=False) if fp32 else contextlib.nullcontext()
+    outputs = ("entropy", "is_top1") if token_stats else ()
+    # TRL's tiles are (up to 4,096 tokens) x `vocab_chunk`: sized to CHUNK_BYTES
+    vocab_chunk = max(1, CHUNK_BYTES // (4 * max(1, min(hidden.size(0), TOKEN_CHUNK_SIZE))))
+    with cast, maybe_gather_lm_head_ctx(weight, bias):
+        log_probs, entropy, _, _, is_top1 = ChunkedLogProbFunction.apply(
+            hidden.float() if fp32 else hidden, weight, bias, labels, temperature, vocab_chunk, transform.softcap,
+            transform.scale, outputs,
+        )  # fmt: skip
+    if not token_stats:
+        return log_probs, None, None
+    return log_probs, entropy if entropy_grad else entropy.detach(), is_top1
+
+
 def response_log_probs(
     hidden: torch.Tensor,
     lm_head: torch.nn.Module,
@@ -130,24 +166,40 @@ def response_log_probs(
     entropy_grad: bool = False,
 ):
     """`(log_probs, entropy, is_top1)` of `labels` `(N,)` under the head applied to `hidden` `(N, H)`: the model's
-    logit `transform`, then division by `temperature`; float32, `CHUNK_TOKENS` rows of logits at a time; chunks past
-    `KEEP_BYTES` of kept log-softmax are recomputed in the backward pass. `fp32` runs the head in float32 outside
-    autocast (GRPO's `cast_lm_head_to_fp32`); `token_stats=False` computes the log-probabilities only (entropy and
-    is_top1 come back None: a reference forward needs neither); `entropy_grad` keeps the entropy's gradient."""
+    logit `transform`, then division by `temperature`; float32. Memory stays bounded whatever N and the vocabulary:
+    logits are built `chunk_tokens(vocab)` rows at a time; with a gradient, the log-softmax of the first chunks is
+    kept up to `KEEP_BYTES` and the rest goes through TRL's chunked function, which recomputes its logits in the
+    backward pass (a head wrapped by PEFT: its chunks are recomputed by activation checkpointing). A sharded head
+    (ZeRO-3, FSDP2) always goes through TRL's function, gathered once per call. `fp32` runs the head in float32
+    outside autocast (GRPO's `cast_lm_head_to_fp32`); `token_stats=False` computes the log-probabilities only
+    (entropy and is_top1 come back None: a reference forward needs neither); `entropy_grad` keeps the entropy's
+    gradient."""
     device = lm_head.weight.device
     hidden, labels = hidden.to(device), labels.to(device)
     vocab = lm_head.out_features if hasattr(lm_head, "out_features") else lm_head.weight.size(0)
-    pieces, kept = [], 0
-    for start in range(0, hidden.size(0), CHUNK_TOKENS):
-        chunk = (hidden[start : start + CHUNK_TOKENS], lm_head, labels[start : start + CHUNK_TOKENS])
-        settings = (temperature, transform, fp32, token_stats, entropy_grad)
-        kept += chunk[0].size(0) * vocab * 4
-        if kept > KEEP_BYTES and torch.is_grad_enabled():
-            pieces.append(
-                torch.utils.checkpoint.checkpoint(_log_probs_of_chunk, *chunk, *settings, use_reentrant=False)
-            )
+    settings = (temperature, transform, fp32, token_stats, entropy_grad)
+    plain = _plain_linear(lm_head)
+    if plain and _sharded_weight(lm_head):  # one gather per call, whatever the rank's number of tokens
+        return _log_probs_recomputed(hidden, lm_head, labels, *settings)
+    rows = chunk_tokens(vocab)
+    keep = hidden.size(0) if not torch.is_grad_enabled() else max(KEEP_BYTES // (4 * vocab), rows)
+    if any(hasattr(p, "ds_id") for p in lm_head.parameters()):
+        # a head wrapped by PEFT under ZeRO-3 gathers its weight in every call of its module: one call per forward
+        rows = keep = max(hidden.size(0), 1)
+
+    def chunk(start, end, recompute=False):
+        part = (hidden[start:end], lm_head, labels[start:end], *settings)
+        if recompute:
+            return torch.utils.checkpoint.checkpoint(_log_probs_of_chunk, *part, use_reentrant=False)
+        return _log_probs_of_chunk(*part)
+
+    kept = min(keep, hidden.size(0))
+    pieces = [chunk(start, min(start + rows, kept)) for start in range(0, kept, rows)]
+    if kept < hidden.size(0):  # past the kept budget: logits recomputed in the backward pass
+        if plain:
+            pieces.append(_log_probs_recomputed(hidden[kept:], lm_head, labels[kept:], *settings))
         else:
-            pieces.append(_log_probs_of_chunk(*chunk, *settings))
+            pieces += [chunk(start, start + rows, recompute=True) for start in range(kept, hidden.size(0), rows)]
     if not pieces:
         empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0  # keeps the graph connected
         if not token_stats:
@@ -159,7 +211,11 @@ def response_log_probs(
 class _PrefixCache(DynamicCache):
     """A cache holding a prompt's keys and values that every layer reads and none writes: `update` returns the
     prompt's states (expanded, not copied, to the batch of responses) followed by the new ones, without storing them.
-    Several calls can share the prompt's states, and a gradient-checkpointing replay sees the same states again."""
+    Several calls can share the prompt's states, and a gradient-checkpointing replay sees the same states again.
+
+    A hybrid model's layers that carry a state (convolutions, state-space and linear-attention scans: transformers'
+    `LinearAttentionCacheLayerMixin` layers) get the prompt's final states instead, a copy for each response of the
+    call, which their forward continues over the response's tokens as it continues a generation (`of`)."""
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         layer = self.layers[layer_idx]
@@ -168,14 +224,58 @@ class _PrefixCache(DynamicCache):
         values = layer.values.expand(batch, *layer.values.shape[1:])
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
+    def update_conv_state(self, conv_states, layer_idx, state_idx=0, **kwargs):
+        # the prompt's state, then the new inputs, as a state layer continues; nothing written (as `update`)
+        return torch.cat([self.layers[layer_idx].conv_states[state_idx], conv_states], dim=-1)
+
+    def update_recurrent_state(self, recurrent_states, layer_idx, state_idx=0, **kwargs):
+        # the layer's final state after this call's tokens, not written over the prompt's (which its backward needs)
+        return recurrent_states if isinstance(recurrent_states, torch.Tensor) else recurrent_states[-1]
+
+    @classmethod
+    def of(cls, recording: _RecordingCache, batch: int) -> _PrefixCache:
+        """The cache a call of `batch` responses runs on, from the prompt's `recording`."""
+        if not recording.states:
+            return cls(ddp_cache_data=[recording.recorded[layer] for layer in sorted(recording.recorded)])
+        cache = cls(config=recording.config)
+        for index, layer in enumerate(cache.layers):
+            if index in recording.recorded:  # attention: the prompt's keys and values
+                if not isinstance(layer, LinearAttentionCacheLayerMixin):
+                    layer = cache.layers[index] = DynamicLayer()
+                DynamicLayer.update(layer, *recording.recorded[index])
+            if index in recording.states:  # a state: the prompt's, one copy per response (updated in place)
+                _continue(layer, recording.states[index], batch)
+        return cache
+
+
+def _continue(layer, prompt, batch: int) -> None:
+    """Give a state layer of a response call the prompt's final states (copies for `batch` responses, keeping their
+    gradient), as if it had just run the prompt."""
+    layer.device, layer.dtype = prompt.device, prompt.dtype
+    layer.cumulative_length_linear = prompt.cumulative_length_linear.clone()
+    for i in range(prompt.number_of_states):
+        layer.conv_kernel_size[i] = prompt.conv_kernel_size[i]
+        layer.has_previous_state[i] = prompt.has_previous_state[i]
+        for kind in ("conv_states", "recurrent_states"):
+            state = getattr(prompt, kind)[i]
+            if getattr(prompt, f"is_{kind}_initialized")[i]:
+                getattr(layer, kind)[i] = state.expand(batch, *state.shape[1:]).clone()
+                getattr(layer, f"is_{kind}_initialized")[i] = True
+
 
 class _RecordingCache(DynamicCache):
-    """A cache that records the keys and values of the first pass through each layer (the prompt's) and returns
-    every pass's own states, so that a gradient-checkpointing replay does not append them a second time."""
+    """A cache that records the keys and values of the first pass through each attention layer (the prompt's) and
+    returns every pass's own states, so that a gradient-checkpointing replay does not append them a second time.
+    With a hybrid model's `config`, its state layers keep the prompt's final states (`states`: index -> layer)."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, config=None):
+        super().__init__(config=config)
+        self.config = config
         self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def states(self) -> dict:
+        return {i: layer for i, layer in enumerate(self.layers) if isinstance(layer, LinearAttentionCacheLayerMixin)}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.recorded.setdefault(layer_idx, (key_states, value_states))
@@ -183,6 +283,35 @@ class _RecordingCache(DynamicCache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # the prompt forward starts at position 0, whatever was recorded
+
+    # A state layer runs the prompt from no state, also when gradient checkpointing replays it: it reads none, its
+    # first pass writes the prompt's final states, and a replay gets what the first pass got and writes nothing
+    def get_conv_state(self, layer_idx, state_idx=0):
+        return None
+
+    def get_recurrent_state(self, layer_idx, state_idx=0):
+        return None
+
+    def update_conv_state(self, conv_states, layer_idx, state_idx=0, conv_kernel_size=None, **kwargs):
+        layer = self.layers[layer_idx]
+        if not layer.has_previous_state[state_idx]:
+            return super().update_conv_state(conv_states, layer_idx, state_idx, conv_kernel_size=conv_kernel_size)
+        missing = layer.conv_kernel_size[state_idx] - conv_states.shape[-1]  # the first pass's left padding
+        return torch.nn.functional.pad(conv_states, (missing, 0)) if missing > 0 else conv_states
+
+    def update_recurrent_state(self, recurrent_states, layer_idx, state_idx=0, **kwargs):
+        if not self.layers[layer_idx].is_recurrent_states_initialized[state_idx]:
+            return super().update_recurrent_state(recurrent_states, layer_idx, state_idx)
+        return recurrent_states if isinstance(recurrent_states, torch.Tensor) else recurrent_states[-1]
+
+
+def has_state_layers(config) -> bool:
+    """Whether the model's cache holds layers with a state (transformers' `LinearAttentionCacheLayerMixin`): its
+    convolution, state-space or linear-attention layers."""
+    try:
+        return any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in DynamicCache(config=config).layers)
+    except Exception:  # a config the cache cannot read: no state layers transformers knows of
+        return False
 
 
 REENTRANT_CHECKPOINTING = "reentrant gradient checkpointing drops the gradient of the prompt's keys and values"
@@ -241,11 +370,12 @@ def _prompt_cache_hidden(backbone, prompt_input_ids, response_input_ids, plan, p
     cache_argument = _cache_argument(backbone)
     device = response_input_ids.device
     hidden, labels = [None] * len(plan.response_lengths), [None] * len(plan.response_lengths)
+    hybrid = has_state_layers(backbone.config)
     for row, prompt_length in enumerate(plan.prompt_lengths):
         shared = prompt_length - 1
-        prefix = None
+        recording = None
         if shared > 0:
-            recording = _RecordingCache()
+            recording = _RecordingCache(backbone.config if hybrid else None)
             images = prompt_images[row] if prompt_images is not None else {}  # the prompt's image inputs, once
             backbone(
                 input_ids=prompt_input_ids[row : row + 1, :shared],
@@ -253,7 +383,6 @@ def _prompt_cache_hidden(backbone, prompt_input_ids, response_input_ids, plan, p
                 **{cache_argument: recording},
                 **images,
             )
-            prefix = [recording.recorded[layer] for layer in sorted(recording.recorded)]
         members_of_row = [n for n, owner in enumerate(plan.rows) if owner == row]
         for call in sorted({plan.calls[n] for n in members_of_row}):
             members = [n for n in members_of_row if plan.calls[n] == call]
@@ -265,7 +394,7 @@ def _prompt_cache_hidden(backbone, prompt_input_ids, response_input_ids, plan, p
             if len(members) > 1:  # right padding among the call's responses; the prompt's keys are all real
                 real = torch.stack([torch.arange(width, device=device) <= length for length in lengths])
                 attention_mask = torch.cat([real.new_ones(len(members), shared), real], dim=1).long()
-            cache = _PrefixCache(ddp_cache_data=prefix) if prefix is not None else None
+            cache = _PrefixCache.of(recording, len(members)) if recording is not None else None
             out = backbone(
                 input_ids=ids,
                 attention_mask=attention_mask,
@@ -310,6 +439,11 @@ def at_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return values[rows, values.size(1) - from_end]
 
 
+def set_logit_transform(model, transform: LogitTransform) -> None:
+    """Make the response-only head of `model` (patched by `add_response_head`) apply `transform`."""
+    model._trl_nca_head["transform"] = transform
+
+
 def add_response_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False) -> None:
     """Patch `model` (a causal LM, before PEFT wraps it or its base model after) so that `response_head=True` runs
     the backbone and scores only the labelled positions: `labels` (as for a causal LM, shifted inside) for the padded
@@ -321,6 +455,8 @@ def add_response_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     the entropy's gradient (GRPO's entropy regularisation)."""
     original_forward = model.forward
     head = dict(temperature=temperature, transform=LogitTransform.of(model.config), fp32=cast_lm_head_to_fp32)
+    # the layout check replaces the transform by the one the model that runs applies (`set_logit_transform`)
+    model._trl_nca_head = head
 
     @functools.wraps(type(model).forward)
     def forward(

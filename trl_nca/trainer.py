@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import os
 import textwrap
 from collections.abc import Callable
@@ -41,7 +40,7 @@ from .config import NCAConfig
 from .data import convert_to_k_responses
 from .dropout import disable_dropout
 from .forward import response_token_logps, sum_by_response
-from .layout_check import check_layouts
+from .layout_check import run_offline_check
 from .layouts import (
     LAYOUTS_OF_SETTING,
     DataCollatorForAnyLayout,
@@ -51,6 +50,7 @@ from .layouts import (
     choose_layout,
     has_images,
     images_blocker,
+    length_dependent_rope,
     make_collator,
     mask_blocker,
     ranks_in_step,
@@ -217,9 +217,10 @@ class _KResponseTrainer(DPOTrainer):
                 sharded=sharded_parameters(self),
                 ranks_in_step=ranks_in_step(self),
                 setting=self.args.prompt_sharing,
+                longest=self._longest_sequence(),
             ),
             shared_blocker=shared_blocker(unwrapped),
-            mask_blocker=mask_blocker(unwrapped),
+            mask_blocker=mask_blocker(unwrapped, self._longest_sequence()),
             image_blockers=images_blocker(unwrapped) if self._images else None,
         )
         if self.args.prompt_sharing == "auto" and "padded" not in choice.reasons and choice.reasons:
@@ -237,6 +238,7 @@ class _KResponseTrainer(DPOTrainer):
                 truncation_mode=self.args.truncation_mode,
                 pad_to_multiple_of=self.args.pad_to_multiple_of,
                 call_overhead=shape.call_overhead_tokens,
+                match_padded_positions=length_dependent_rope(config) is not None,
             )
             for name in choice.allowed
         }
@@ -255,59 +257,10 @@ class _KResponseTrainer(DPOTrainer):
                 model = self.accelerator.unwrap_model(model)
                 add_response_head(model.get_base_model() if is_peft_model(model) else model)
 
-    def _check_layouts(self) -> None:
-        """The layout check (`trl_nca.layout_check`), once, when training starts: every layout this run may use,
-        and the response-only head, against the model's own forward on the first training rows; a layout that
-        differs is left out for the rest of the run (the padded layout with TRL's head where ours differs). Every
-        rank checks the same rows, so that sharded engines run the same forwards on each."""
-        if self._layout == "user" or self._images or self._layouts_checked:
-            return
-        self._layouts_checked = True
-        if set(self._collators) == {"padded"} and self._head == "fused":
-            return  # the model's own forward with TRL's head: nothing of ours to check
-        collators = {
-            "padded": make_collator(
-                "padded",
-                pad_token_id=self._tokenizer.pad_token_id,
-                max_length=None,
-                truncation_mode="keep_start",
-                pad_to_multiple_of=None,
-            ),
-            **self._collators,
-        }
-        rows = list(itertools.islice(iter(self.train_dataset), self.args.per_device_train_batch_size))
-        rows = [{key: row[key] for key in ("prompt_ids", "completion_ids", "rewards")} for row in rows]
-        model = self.model_wrapped
-        training, low_precision = model.training, self.args.bf16 or self.args.fp16
-        model.eval()
-        try:
-            with self.accelerator.autocast():
-                kwargs = dict(mask_dtype=self._mask_dtype(), low_precision=low_precision)
-                wrong = check_layouts(model, rows, collators, head=self._head, **kwargs)
-                if "padded" in wrong and self._head == "response":
-                    logger.warning(
-                        f"Layout check: the response-only LM head differs from the model's own forward "
-                        f"({wrong['padded']}); TRL's fused head is used for the rest of the run."
-                    )
-                    wrong = {"cache": "it runs the response-only head, which differs from the model's own forward"}
-                    self._head = "fused"
-                    rest = {name: c for name, c in collators.items() if name not in wrong}
-                    wrong |= check_layouts(model, rows, rest, head=self._head, **kwargs)
-        finally:
-            model.train(training)
-        wrong = {name: why for name, why in wrong.items() if name in self._collators}
-        if not wrong:
-            return
-        kept = [name for name in self._collators if name not in wrong]
-        said = "; ".join(f"'{name}': {why}" for name, why in wrong.items())
-        if not kept:
-            raise ValueError(
-                f"Layout check: prompt_sharing={self.args.prompt_sharing!r} gives other log-probabilities than the "
-                f"model's own forward on the first training rows ({said}). Use prompt_sharing='off'."
-            )
-        logger.warning(f"Layout check: {said}. Left out for the rest of the run; training with {', '.join(kept)}.")
-        for name in wrong:
-            del self._collators[name]  # the same dict the batch collator chooses from
+    def _longest_sequence(self) -> int | None:
+        """The longest sequence a batch can hold (`max_length`, padded to `pad_to_multiple_of`), None: unbounded."""
+        longest, multiple = self.args.max_length, self.args.pad_to_multiple_of
+        return longest if longest is None or not multiple else -(-longest // multiple) * multiple
 
     # Replaces DPOTrainer._prepare_dataset (TRL 1.16.0): any accepted layout -> prompt_ids + K completion_ids
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -430,6 +383,7 @@ class _KResponseTrainer(DPOTrainer):
             model = self._precompute_engine
         else:
             model = self.ref_model or self.model
+        run_offline_check(self, model)  # the reference column is built with the layouts the check keeps
         ref_logps: list[list[float]] = []
         for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset"):
             values, mask = self.compute_ref_log_probs(model, batch).float(), batch["response_mask"]
@@ -439,6 +393,11 @@ class _KResponseTrainer(DPOTrainer):
             values, mask = self.accelerator.gather_for_metrics((values, mask))
             ref_logps.extend(row[row_mask].tolist() for row, row_mask in zip(values.cpu(), mask.cpu().bool()))
         return ref_logps
+
+    # Extends Trainer.evaluation_loop: the layout check runs before an evaluation that comes first
+    def evaluation_loop(self, *args, **kwargs):
+        run_offline_check(self, self.model_wrapped)
+        return super().evaluation_loop(*args, **kwargs)
 
     # Replaces DPOTrainer.compute_loss (TRL 1.16.0) and its private `_compute_loss`
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -511,14 +470,14 @@ class _KResponseTrainer(DPOTrainer):
 
 
 class _LayoutCheck(TrainerCallback):
-    """Runs the trainer's layout check when training starts: the model is wrapped (DDP, DeepSpeed) and no batch has
-    been collated yet."""
+    """Runs the layout check when training starts (if nothing ran it before): the model is wrapped (DDP, DeepSpeed)
+    and no batch has been collated yet."""
 
     def __init__(self, trainer: _KResponseTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._check_layouts()
+        run_offline_check(self.trainer, self.trainer.model_wrapped)
 
 
 class NCATrainer(_KResponseTrainer):

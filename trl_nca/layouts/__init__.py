@@ -25,7 +25,16 @@ from transformers.data.data_collator import DataCollatorMixin
 from trl.trainer.utils import pad
 
 from . import prompt_cache, shared_prompt
-from .blockers import cache_blocker, mask_blocker, ranks_in_step, sharded_parameters, shared_blocker
+from .blockers import (
+    Windows,
+    attention_windows,
+    cache_blocker,
+    length_dependent_rope,
+    mask_blocker,
+    ranks_in_step,
+    sharded_parameters,
+    shared_blocker,
+)
 from .cost import LAYOUT_NAMES, ModelShape, cheapest, layout_cost, layout_memory
 from .images import IMAGE_FIELDS, PER_TOKEN_FIELDS, DataCollatorForImageRows, has_images, images_blocker
 from .padded import DataCollatorForKResponses, per_response_values
@@ -41,6 +50,7 @@ from .shared_prompt import (
     attention_mask_for,
     block_mask_for,
     dense_mask,
+    reach_position,
 )
 
 # The layouts each `prompt_sharing` setting may use, in order of preference on equal cost. "auto": the cheapest
@@ -141,13 +151,15 @@ def make_collator(
     truncation_mode: str,
     pad_to_multiple_of,
     call_overhead: int = CALL_OVERHEAD_TOKENS,
+    match_padded_positions: bool = False,
 ):
     """The collator of one layout name (`call_overhead`: a forward call's fixed cost in tokens, for the prompt-cache
-    layout's grouping of responses into calls)."""
+    layout's grouping of responses into calls; `match_padded_positions`: see `DataCollatorForSharedPrompt`)."""
     if layout == "mask":
         return DataCollatorForSharedPrompt(
-            pad_token_id=pad_token_id, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of
-        )
+            pad_token_id=pad_token_id, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of,
+            match_padded_positions=match_padded_positions,
+        )  # fmt: skip
     if layout == "cache":
         return DataCollatorForPromptCache(
             pad_token_id=pad_token_id,
@@ -227,19 +239,29 @@ def sequences_per_response(batch: dict, pad_token_id: int, pad_to_multiple_of: i
     }
 
 
-def model_inputs(batch: dict, attn_implementation: str, mask_dtype: torch.dtype) -> dict:
+def model_inputs(
+    batch: dict, attn_implementation: str, mask_dtype: torch.dtype, windows: Windows | None = None
+) -> dict:
     """The forward's keyword arguments for a collated batch: the prompt-cache layout's tensors, or the sequences
     with the shared-prompt layout's 4D mask in the form the attention implementation takes (boolean for `sdpa`,
-    additive in `mask_dtype` for `eager`, a block mask for `flex_attention`)."""
+    additive in `mask_dtype` for `eager`, a block mask for `flex_attention`), carrying the model's attention
+    `windows` (`attention_windows`): in the one mask, or one mask per layer type."""
     if "prompt_input_ids" in batch:
         return {key: batch[key] for key in (*CACHE_INPUTS, "prompt_images") if key in batch}
     kwargs = {key: batch[key] for key in (*MODEL_INPUTS, *IMAGE_FIELDS, *PER_TOKEN_FIELDS) if key in batch}
     if "segment_ids" in batch:  # the shared-prompt layout: its mask is built here, where the ids are (the device)
-        if attn_implementation == "flex_attention":
-            kwargs["attention_mask"] = block_mask_for(batch["segment_ids"], batch["row_ids"])
+        ids = batch["segment_ids"], batch["row_ids"], batch["position_ids"]
+
+        def mask_of(window):
+            if attn_implementation == "flex_attention":
+                return block_mask_for(*ids, window=window)
+            return attention_mask_for(dense_mask(*ids, window=window), attn_implementation, mask_dtype)
+
+        if windows is not None and windows.by_type:
+            masks = {window: mask_of(window) for window in set(windows.by_type.values())}  # one per distinct window
+            kwargs["attention_mask"] = {kind: masks[window] for kind, window in windows.by_type.items()}
         else:
-            mask = dense_mask(batch["segment_ids"], batch["row_ids"])
-            kwargs["attention_mask"] = attention_mask_for(mask, attn_implementation, mask_dtype)
+            kwargs["attention_mask"] = mask_of(None if windows is None else windows.window)
     return kwargs
 
 
@@ -254,6 +276,8 @@ __all__ = [
     "DataCollatorForPromptCache",
     "DataCollatorForSharedPrompt",
     "LayoutChoice",
+    "Windows",
+    "attention_windows",
     "ModelShape",
     "cache_blocker",
     "choose_layout",
@@ -263,11 +287,13 @@ __all__ = [
     "layout_cost",
     "layout_memory",
     "layout_of",
+    "length_dependent_rope",
     "make_collator",
     "mask_blocker",
     "model_inputs",
     "ranks_in_step",
     "per_response_values",
+    "reach_position",
     "response_owner",
     "row_unfit_for",
     "sequences_per_response",

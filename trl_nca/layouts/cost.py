@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .blockers import FULL_ATTENTION, WINDOWED, _layer_kinds
 from .prompt_cache import CALL_OVERHEAD_TOKENS, call_overhead_tokens, plan_calls
 
 LAYOUT_NAMES = ("padded", "mask", "cache")
@@ -63,6 +64,9 @@ class ModelShape:
     num_heads: int = 1
     activation_bytes: int = 4
     memory_budget: int | None = None
+    # the layers that attend (all but a hybrid's convolution, state-space and linear-attention layers, whose work is
+    # linear in the tokens and counted in `body_params`); None: every layer
+    attention_layers: int | None = None
 
     @classmethod
     def of(cls, model, device_type: str = "cpu", memory_budget: int | None = None) -> ModelShape:
@@ -73,10 +77,17 @@ class ModelShape:
         attention = "blocks" if config._attn_implementation == "flex_attention" else "dense"
         body = max(total - embeddings - head, 1)
         dtype = getattr(model, "dtype", None)
+        kinds = _layer_kinds(config)
+        attending = sum(k in FULL_ATTENTION or any(w in k for w in WINDOWED) for k in kinds) if kinds else None
         return cls(
             config.hidden_size, config.num_hidden_layers, body, attention, call_overhead_tokens(device_type),
             device_type, getattr(config, "num_attention_heads", 1) or 1, getattr(dtype, "itemsize", 4), memory_budget,
+            attending,
         )  # fmt: skip
+
+    @property
+    def attending_layers(self) -> int:
+        return self.num_layers if self.attention_layers is None else self.attention_layers
 
 
 def _numel(parameter) -> int:
@@ -139,7 +150,7 @@ def layout_cost(layout: str, rows: list[tuple[int, list[int]]], shape: ModelShap
     per_token = 2 * shape.body_params
     # q.k and attention x v; masked attention runs at about a third of the matmuls' rate (softmax, masking, memory
     # traffic), which ATTENTION_SLOWDOWN carries
-    per_score = 2 * shape.hidden_size * shape.num_layers * ATTENTION_SLOWDOWN
+    per_score = 2 * shape.hidden_size * shape.attending_layers * ATTENTION_SLOWDOWN
     device = work.tokens * per_token + work.scores * per_score + work.calls * shape.call_overhead_tokens * per_token
     rate = DEVICE_MADDS_PER_SECOND.get(shape.device_type, DEVICE_MADDS_PER_SECOND["cuda"])
     return device + work.host_tokens * HOST_SECONDS_PER_TOKEN[layout] * rate
@@ -155,7 +166,7 @@ def layout_memory(layout: str, rows: list[tuple[int, list[int]]], shape: ModelSh
     if shape.attention == "blocks":
         scores = 0.0
     elif shape.device_type == "cpu":
-        scores = work.scores * shape.num_heads * shape.num_layers * shape.activation_bytes
+        scores = work.scores * shape.num_heads * shape.attending_layers * shape.activation_bytes
     else:
         scores = work.widest_scores if layout == "mask" else 0.0  # the boolean mask, one byte a score
     return tokens + scores

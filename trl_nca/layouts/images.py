@@ -21,6 +21,7 @@ which layouts a model's image inputs rule out, and why.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,15 @@ def images_blocker(model) -> dict[str, str]:
             "gives positions of its own"
         )
         return {"mask": why, "cache": why}
+    backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "token_type_ids" in inspect.signature(type(backbone).forward).parameters:
+        # Gemma 3 marks image tokens with `token_type_ids`: an image's tokens attend to each other both ways
+        return {
+            "mask": "the model's image tokens attend to each other both ways (`token_type_ids`), where this layout's "
+            "mask is causal",
+            "cache": "the model marks its image tokens with per-token `token_type_ids`, which this layout's prompt "
+            "forward is not given",
+        }
     return {}
 
 

@@ -77,6 +77,9 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
     pack_rows: bool = False
+    # For rotary embeddings whose frequencies follow a forward's largest position (`length_dependent_rope`): give
+    # the batch the largest position of the padded layout's batch of the same rows, as a padding token's position
+    match_padded_positions: bool = False
     return_tensors: str = "pt"
 
     def _row(self, example: dict, first_response: int, index: int) -> dict[str, torch.Tensor]:
@@ -137,7 +140,8 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
                 segment_ids[s, span] = row["segments"]
                 row_ids[s, span] = r
                 start += n
-            position_ids[s, start:] = torch.arange(length - start)
+            # padding keeps position 0: a position there could raise the batch's largest position id, which
+            # length-dependent rotary embeddings (dynamic, longrope) read to choose their frequencies for every row
 
         batch = {
             "input_ids": input_ids,
@@ -150,7 +154,29 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
             "num_tokens": padding_mask.sum(),
         }
         batch.update(per_response_values(examples))
+        if self.match_padded_positions:  # the padded layout's width, its positions running 0 .. width - 1
+            width = max(len(e["prompt_ids"]) + len(c) for e in examples for c in e["completion_ids"])
+            width = width if self.max_length is None else min(width, self.max_length)
+            if self.pad_to_multiple_of:
+                width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            batch = reach_position(batch, width - 1, self.pad_token_id)
         return batch
+
+
+def reach_position(batch: dict, position: int, pad_token_id: int) -> dict:
+    """A shared-prompt batch whose largest position id is at least `position`: where it is smaller, one padding
+    column whose first token has that position (a padding token attends only to itself, and nothing attends to it).
+    For rotary embeddings whose frequencies follow a forward's largest position id (`length_dependent_rope`)."""
+    if int(batch["position_ids"].max()) >= position:
+        return batch
+    column = {"input_ids": pad_token_id, "position_ids": 0, "completion_mask": 0, "padding_mask": 0,
+              "response_ids": -1, "segment_ids": -1, "row_ids": -1}  # fmt: skip
+    out = dict(batch)
+    for key, value in column.items():
+        tensor = batch[key]
+        out[key] = torch.cat([tensor, tensor.new_full((tensor.size(0), 1), value)], dim=1)
+    out["position_ids"][0, -1] = position
+    return out
 
 
 def response_sequences(batch: dict) -> list[torch.Tensor]:
@@ -167,16 +193,25 @@ def response_sequences(batch: dict) -> list[torch.Tensor]:
     return sequences
 
 
-def dense_mask(segment_ids: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
+def dense_mask(
+    segment_ids: torch.Tensor,
+    row_ids: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
     """The shared-prompt layout's boolean 4D mask `(S, 1, L, L)` (True = may attend), built where the ids are (on the
     GPU in training): a token sees, causally, the tokens of its own row that are in the prompt (segment 0) or in its
-    own response; padding sees itself only, so that no attention row is empty (an empty row gives NaN in sdpa)."""
+    own response; padding sees itself only, so that no attention row is empty (an empty row gives NaN in sdpa).
+    `window`: a sliding window as transformers applies it, counted in positions (a token sees the keys less than
+    `window` positions before it): a response token sees the end of the prompt, as in its own sequence."""
     length = segment_ids.size(1)
     query_row, key_row = row_ids[:, :, None], row_ids[:, None, :]
     query_segment, key_segment = segment_ids[:, :, None], segment_ids[:, None, :]
     causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
     visible = (key_segment == 0) | (key_segment == query_segment)
     real = (query_row >= 0) & (query_row == key_row) & causal & visible
+    if window is not None:
+        real &= position_ids[:, None, :] > position_ids[:, :, None] - window
     padding = (query_row < 0) & torch.eye(length, dtype=torch.bool, device=segment_ids.device)
     return (real | padding)[:, None]
 
@@ -190,9 +225,15 @@ def attention_mask_for(mask: torch.Tensor, attn_implementation: str, dtype: torc
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def block_mask_for(segment_ids: torch.Tensor, row_ids: torch.Tensor):
+def block_mask_for(
+    segment_ids: torch.Tensor,
+    row_ids: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    window: int | None = None,
+):
     """The FlexAttention block mask of the shared-prompt layout: same row, causal, and the key in the prompt or in the
-    query's own response; padding attends to itself. Fully masked blocks (other rows, other responses) are skipped."""
+    query's own response (and within `window` positions, as `dense_mask`); padding attends to itself. Fully masked
+    blocks (other rows, other responses, keys past the window) are skipped."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -202,5 +243,10 @@ def block_mask_for(segment_ids: torch.Tensor, row_ids: torch.Tensor):
         real = (query_row >= 0) & (query_row == key_row) & (kv_idx <= q_idx) & visible
         return real | ((query_row < 0) & (q_idx == kv_idx))
 
+    def windowed_mask_mod(b, h, q_idx, kv_idx):
+        in_window = (position_ids[b, kv_idx] > position_ids[b, q_idx] - window) | (row_ids[b, q_idx] < 0)
+        return mask_mod(b, h, q_idx, kv_idx) & in_window
+
     sequences, length = segment_ids.shape
-    return create_block_mask(mask_mod, sequences, None, length, length, device=segment_ids.device)
+    function = mask_mod if window is None else windowed_mask_mod
+    return create_block_mask(function, sequences, None, length, length, device=segment_ids.device)
