@@ -363,10 +363,7 @@ def table_row(model_type: str, offline: dict[str, str], online: dict[str, str]) 
     return f"| {model_type} | " + " | ".join(verdicts) + f" | {why} |"
 
 
-HEADER = (
-    "| model type | " + " | ".join(COLUMNS) + " | why refused |\n"
-    + "|---" * (len(COLUMNS) + 2) + "|"
-)
+HEADER = "| model type | " + " | ".join(COLUMNS) + " | why refused |\n" + "|---" * (len(COLUMNS) + 2) + "|"
 
 
 def write_table(path: str) -> None:

@@ -63,7 +63,7 @@ def test_the_matrix_fails_padding_positions_that_move_a_dynamic_rope(monkeypatch
     assert offline_cells(build("llama (rope dynamic)"))["mask"].startswith("MISMATCH")
 
 
-BF16_MODELS = ["llama", "qwen3", "gemma2", "phi3", "gpt_oss", "cohere", "olmo2", "llama (rope dynamic)"]
+BF16_MODELS = ["llama", "gemma2", "phi3", "gpt_oss", "llama (rope dynamic)"]
 
 
 @pytest.mark.parametrize("model_type", BF16_MODELS)
@@ -106,17 +106,16 @@ def test_the_window_goes_in_the_mask_the_model_takes():
 
 def test_the_matrix_fails_a_prompt_cache_that_drops_a_hybrids_state(monkeypatch):
     """The hybrid rows' prompts (3 to 11 tokens) are longer than their convolutions (3-4 tokens): a response call that
-    starts from a fresh state instead of the prompt's fails the cells of LFM2 and Qwen3-Next."""
+    starts from a fresh state instead of the prompt's fails the cell (LFM2's short convolutions)."""
     from architectures import build, offline_cells
 
     from trl_nca import scoring
 
     monkeypatch.setattr(scoring, "_continue", lambda layer, prompt, batch: None)
-    for model_type in ("lfm2", "qwen3_next"):
-        assert offline_cells(build(model_type))["cache"].startswith("MISMATCH"), model_type
+    assert offline_cells(build("lfm2"))["cache"].startswith("MISMATCH")
 
 
-@pytest.mark.parametrize("model_type", ["lfm2", "qwen3_next"])
+@pytest.mark.parametrize("model_type", ["qwen3_next"])  # its convolution and its recurrent state
 def test_a_hybrid_keeps_the_prompt_cache_under_gradient_checkpointing(model_type):
     """Gradient checkpointing (non-reentrant, TRL's default) replays the prompt's forward in the backward pass: its
     state layers read no state and write none there, so the prompt-cache layout's values and gradients equal the

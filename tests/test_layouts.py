@@ -196,6 +196,41 @@ def test_response_head_equals_trls_fused_head(tokenizer, model):
             torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_a_copy_of_a_patched_model_runs_its_own_weights(tokenizer, model):
+    """A reference model deep-copied from a policy a trainer has patched (a copy taken by a user's script or by the
+    trainers when no reference is given) runs its own weights: TRL's `add_fused_lm_head` keeps the original forward
+    in a closure, which a copy shares, so the copy's plain forward ran the policy; the trainers drop such a forward
+    before patching, and ours keeps the original on the model, which a copy rebinds."""
+    from trl_nca import scoring
+
+    ids = torch.tensor([[1, 5, 9, 20, 30]])
+    add_fused_lm_head(model, outputs=("log_probs",))
+    scoring.add_response_head(model)
+    before = model(input_ids=ids).logits
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in copied.parameters():
+            parameter.add_(0.5)
+    torch.testing.assert_close(copied(input_ids=ids).logits, before)  # TRL's closure: the policy's forward
+    scoring.drop_foreign_forward(copied)
+    add_fused_lm_head(copied, outputs=("log_probs",))
+    scoring.add_response_head(copied)
+    assert not torch.allclose(copied(input_ids=ids).logits, before)
+    expected = type(copied).forward(copied, input_ids=ids).logits
+    torch.testing.assert_close(copied(input_ids=ids).logits, expected)
+    torch.testing.assert_close(model(input_ids=ids).logits, before)
+    # ours alone: a copy's plain and response-only forwards run the copy
+    alone = build_model(tokenizer, seed=2)
+    scoring.add_response_head(alone)
+    own = copy.deepcopy(alone)
+    with torch.no_grad():
+        for parameter in own.parameters():
+            parameter.add_(0.5)
+    torch.testing.assert_close(own(input_ids=ids).logits, type(own).forward(own, input_ids=ids).logits)
+    response = own(input_ids=ids, labels=ids, response_head=True).log_probs
+    assert (response - alone(input_ids=ids, labels=ids, response_head=True).log_probs).abs().max() > 1e-3
+
+
 def test_the_chunked_head_keeps_less_than_full_logits(tmp_path):
     """At a vocabulary of 150,000 (1,024 tokens), the response-only head as the trainers run it (chunks of logits, the
     first kept for the backward pass, the rest recomputed by TRL's chunked function) gives the full-logits head's

@@ -175,9 +175,10 @@ def own_forward_token_logps(model, padded: dict) -> tuple[torch.Tensor, list[int
     batch), scoring only the last `REFERENCE_TOKENS` completion tokens of the row through `logits_to_keep`: `(values,
     index)`, the per-token log-probabilities and where each sits among the batch's completion tokens (row-major)."""
     causal = _causal_lm(model)
-    prompt_learning = is_peft_model(extract_model_from_parallel(model)) and extract_model_from_parallel(
-        model
-    ).active_peft_config.is_prompt_learning
+    prompt_learning = (
+        is_peft_model(extract_model_from_parallel(model))
+        and extract_model_from_parallel(model).active_peft_config.is_prompt_learning
+    )
     # prompt-learning PEFT puts virtual tokens before the row, which `logits_to_keep` positions would not count
     takes_keep = "logits_to_keep" in inspect.signature(type(causal).forward).parameters and not prompt_learning
     values, index, first = [], [], 0
@@ -281,8 +282,12 @@ def run_offline_check(trainer, model) -> None:
         "padded", pad_token_id=trainer._tokenizer.pad_token_id, max_length=args.max_length,
         truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of,
     )  # fmt: skip
+    dataset = trainer.train_dataset
+    if dataset is None:  # an evaluation without a training set: its rows
+        dataset = trainer.eval_dataset
+        dataset = next(iter(dataset.values())) if isinstance(dataset, dict) else dataset
     rows = []
-    for row in trainer.train_dataset:
+    for row in dataset:
         rows.append({key: row[key] for key in ("prompt_ids", "completion_ids", "rewards")})
         if len(rows) >= args.per_device_train_batch_size:
             break
@@ -367,9 +372,9 @@ def run_online_check(trainer, model, host: torch.Tensor, logits_to_keep: int) ->
     host = host[host[:, width : 2 * width - logits_to_keep].bool().any(1)]  # rows with a prompt token
     ids, mask = host[:, :width].to(device), host[:, width:].to(device)
     collator = trainer._group_collator
-    collators = collator.collators if isinstance(collator, DataCollatorForAnyLayout) else {
-        trainer._group_layouts[0]: collator
-    }
+    collators = (
+        collator.collators if isinstance(collator, DataCollatorForAnyLayout) else {trainer._group_layouts[0]: collator}
+    )
     autocast, half = precision_of(model, accelerator.autocast())
     found, checked = {}, False
     with checking(model, autocast):

@@ -59,6 +59,7 @@ from .online_groups import (
     named_datasets,
 )
 from .rewards import check_reward_signature, named_reward, reward_name
+from .scoring import drop_foreign_forward
 from .trainer import NCA_PAPER
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ class _OnlineKResponseTrainer(PromptSharingMixin, GRPOTrainer):
         # GRPO reads its `beta` as "keep a reference model and compute its log-probabilities". The sampler reference
         # needs neither. A model instance (not PEFT) would be reloaded from its hub id, which a model built in memory
         # has not: the reference is then a copy of it, taken now, while it is the initial policy.
+        for each in (model, kwargs.get("ref_model")):
+            drop_foreign_forward(each)
         peft = kwargs.get("peft_config") is not None or (not isinstance(model, str) and is_peft_model(model))
         copy_reference = self.reference == "initial" and not isinstance(model, str) and not peft
         initial = copy.deepcopy(model) if copy_reference else None

@@ -444,6 +444,34 @@ def set_logit_transform(model, transform: LogitTransform) -> None:
     model._trl_nca_head["transform"] = transform
 
 
+def drop_foreign_forward(model) -> None:
+    """A model deep-copied from one that TRL's `add_fused_lm_head` patched keeps that patch's closure, whose original
+    forward is bound to the model it was copied from: its plain forward would run the other model's weights (a
+    reference built by copying a policy a trainer has seen runs the policy). Where any forward of the chain of
+    patches on `model` is bound to another model, the patches are dropped, the class's forward being the model's
+    own, so that the trainer patches the copy afresh. `model` may be a name, a PEFT model or a model."""
+    if not isinstance(model, torch.nn.Module):
+        return
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    chain = [model.__dict__.get("forward"), model.__dict__.get("_trl_nca_original_forward")]
+    seen = set()
+    while chain:
+        method = chain.pop()
+        if method is None or id(method) in seen:
+            continue
+        seen.add(id(method))
+        owner = getattr(method, "__self__", None)
+        if isinstance(owner, torch.nn.Module) and owner is not model and type(owner) is type(model):
+            model.__dict__.pop("forward", None)
+            model.__dict__.pop("_trl_nca_original_forward", None)
+            return
+        for cell in getattr(getattr(method, "__func__", method), "__closure__", None) or ():
+            try:
+                chain.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                continue
+
+
 def add_response_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False) -> None:
     """Patch `model` (a causal LM, before PEFT wraps it or its base model after) so that `response_head=True` runs
     the backbone and scores only the labelled positions: `labels` (as for a causal LM, shifted inside) for the padded
@@ -453,7 +481,11 @@ def add_response_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     temperature; 1 for the offline trainers); `cast_lm_head_to_fp32` runs the head in float32 (GRPO's setting).
     `token_stats=False` in a call skips the entropy and top-1 flags (a reference forward), `entropy_grad=True` keeps
     the entropy's gradient (GRPO's entropy regularisation)."""
-    original_forward = model.forward
+    # Kept on the model, not in this closure: `copy.deepcopy(model)` (a reference model made from a patched policy)
+    # rebinds a bound method held in the model's __dict__ to the copy, but shares a closure's, which would run the
+    # original model's forward from the copy. A model patched before is patched again from its own original forward.
+    if "_trl_nca_original_forward" not in model.__dict__:
+        model._trl_nca_original_forward = model.forward
     head = dict(temperature=temperature, transform=LogitTransform.of(model.config), fp32=cast_lm_head_to_fp32)
     # the layout check replaces the transform by the one the model that runs applies (`set_logit_transform`)
     model._trl_nca_head = head
@@ -470,6 +502,7 @@ def add_response_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         **kwargs,
     ):
         if not response_head:
+            original_forward = self._trl_nca_original_forward
             return (
                 original_forward(*args, labels=labels, **kwargs)
                 if labels is not None

@@ -61,7 +61,7 @@ from .layouts import (
 from .layouts.cost import device_memory_budget
 from .losses import infonca_loss, nca_loss
 from .metrics import IfDefined, k_response_metrics, read_device_metrics, token_metric_sums
-from .scoring import add_response_head, head_choice
+from .scoring import add_response_head, drop_foreign_forward, head_choice
 from .tokenization import prepare_k_response_dataset
 
 logger = logging.get_logger(__name__)
@@ -140,6 +140,8 @@ class _KResponseTrainer(DPOTrainer):
         # The reference is the initial policy. DPOTrainer reloads it from the model's hub id or path, which a model
         # built from a config (or changed in memory) does not have; a copy taken now is that initial policy. PEFT
         # disables its adapter instead, and precomputed log-probs need no reference during training.
+        for each in (model, ref_model):
+            drop_foreign_forward(each)
         if ref_model is None and not (isinstance(model, str) or peft_config or is_peft_model(model)):
             if not args.precompute_ref_log_probs:
                 ref_model = copy.deepcopy(model)

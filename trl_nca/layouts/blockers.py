@@ -155,9 +155,11 @@ def length_dependent_rope(config) -> tuple[str, int] | None:
     config = config.get_text_config()
     parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     # one dict, or one per layer type (Gemma 3: full_attention, sliding_attention)
-    each = list(parameters.values()) if parameters and all(isinstance(v, dict) for v in parameters.values()) else [
-        parameters
-    ]
+    each = (
+        list(parameters.values())
+        if parameters and all(isinstance(v, dict) for v in parameters.values())
+        else [parameters]
+    )
     for rope in each:
         kind = str(rope.get("rope_type") or rope.get("type") or "")
         if "dynamic" in kind:

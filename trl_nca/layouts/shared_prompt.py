@@ -100,8 +100,9 @@ class DataCollatorForSharedPrompt(DataCollatorMixin):
         response = (first_response + segment - 1).masked_fill(first, -1)
         zeros = torch.zeros(shared, dtype=torch.long)
         return {
-            "tokens": torch.tensor(list(itertools.chain(prompt[:-1], *([prompt[-1], *a] for a in answers))),
-                                   dtype=torch.long),  # fmt: skip
+            "tokens": torch.tensor(
+                list(itertools.chain(prompt[:-1], *([prompt[-1], *a] for a in answers))), dtype=torch.long
+            ),  # fmt: skip
             "positions": torch.cat([torch.arange(shared), shared + offset]),
             "segments": torch.cat([zeros, segment]),
             "completion": torch.cat([zeros, (~first).long()]),

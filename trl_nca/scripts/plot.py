@@ -42,7 +42,9 @@ def load_log_history(output_dir: str | Path) -> list[dict]:
 def cli(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="trl-nca plot", description=(
+    parser = argparse.ArgumentParser(
+        prog="trl-nca plot",
+        description=(
             "Plot a finished run's log history to a PNG: offline runs (nca, infonca) the likelihood of the best and "
             "worst response and the reward accuracy; online runs the sample reward, the groups without signal and "
             "the completion length."
