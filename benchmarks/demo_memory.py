@@ -1,7 +1,7 @@
 """Where the demo's memory goes: resident memory (RSS) sampled every 50 ms while `trl-nca demo` runs, by phase.
 
-The phases are the demo's own steps (model load, held-out scoring before, then per training step: generation and
-scoring of the completions, the forward and backward passes, the optimizer step; held-out scoring after), marked by
+The phases are the demo's own steps (model load, held-out scoring before, then per forward and backward pass the
+pass itself, with the generation and scoring of completions inside the pass it feeds; held-out scoring after), marked by
 wrapping the functions that run them. For each phase: the peak RSS while it ran and the RSS when it ended (both in
 GB, of the whole process); the last line is the run's peak, which `/usr/bin/time -v` reports as "Maximum resident
 set size". `--trim` returns freed heap memory to the system after each phase (glibc's `malloc_trim(0)`), to show how
@@ -49,13 +49,14 @@ class Trace:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        self.current = rss_gb()
-        start = self.current
+        outer = self.current  # an enclosing phase's peak so far (phases nest: a generation inside its pass)
+        self.current = start = rss_gb()
         try:
             yield
         finally:
-            self.current = max(self.current, rss_gb())
-            record = {"phase": name, "start_gb": round(start, 2), "peak_gb": round(self.current, 2)}
+            peak = max(self.current, rss_gb())
+            self.current = max(outer, peak)
+            record = {"phase": name, "start_gb": round(start, 2), "peak_gb": round(peak, 2)}
             if self.trim:
                 ctypes.CDLL("libc.so.6").malloc_trim(0)
             record["end_gb"] = round(rss_gb(), 2)
@@ -98,16 +99,18 @@ def main(argv: list[str] | None = None) -> dict:
     trace.wrap(run, "load_model", "model load")
     trace.wrap(run, "heldout_accuracy", scoring)
     trace.wrap(generation, "build_reward_dataset", "offline: sampling the reward dataset")
-    steps = {"n": 0}
+    passes, generations = {"n": 0}, {"n": 0}
 
-    def step(self, *args, **kwargs):
-        steps["n"] += 1
-        return f"step {steps['n']}: forward and backward"
+    def training_pass(self, *args, **kwargs):  # one forward and backward pass (with a generation where one is due)
+        passes["n"] += 1
+        return f"pass {passes['n']}: forward and backward"
 
-    trace.wrap(GRPOTrainer, "_generate_and_score_completions", lambda self, *a, **k: f"step {steps['n'] + 1}: "
-               "generation and rewards")  # fmt: skip
-    trace.wrap(Trainer, "compute_loss", lambda self, *a, **k: f"step {steps['n'] + 1}: forward")
-    trace.wrap(Trainer, "training_step", step)
+    def generation(self, *args, **kwargs):  # runs inside the pass it feeds
+        generations["n"] += 1
+        return f"pass {passes['n']}: generation {generations['n']} and its rewards"
+
+    trace.wrap(GRPOTrainer, "_generate_and_score_completions", generation)
+    trace.wrap(Trainer, "training_step", training_pass)
     with trace.phase("the whole demo"):
         summary = run.run_demo(_settings(run, argv))
     trace.close()

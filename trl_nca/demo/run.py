@@ -42,6 +42,10 @@ class DemoSettings:
     )
     k: int = _setting(8, "answers sampled per question (K)")
     batch_size: int = _setting(4, "questions per optimizer step")
+    micro_batch: int = _setting(
+        1, "questions per forward and backward pass (gradients accumulated over batch_size / micro_batch passes): "
+        "the same update in less memory"
+    )
     steps: int = _setting(10, "online: optimizer steps, one generation each")
     epochs: int = _setting(2, "offline: passes over the sampled rows")
     reference: str = _setting("sampler", "online: the reference pi_ref, 'sampler' or 'initial' (OnlineNCAConfig)")
@@ -118,6 +122,19 @@ def _training_args(settings: DemoSettings, out: Path, on_gpu: bool) -> dict:
     )
 
 
+def _micro_batches(settings: DemoSettings, rows_per_question: int) -> dict:
+    """`batch_size` questions per optimizer step in passes of `micro_batch` questions."""
+    if settings.micro_batch < 1 or settings.batch_size % settings.micro_batch:
+        raise ValueError(
+            f"--micro_batch {settings.micro_batch} must divide --batch_size {settings.batch_size} (questions per "
+            "optimizer step, learned from in passes of micro_batch questions)"
+        )
+    return dict(
+        per_device_train_batch_size=settings.micro_batch * rows_per_question,
+        gradient_accumulation_steps=settings.batch_size // settings.micro_batch,
+    )
+
+
 def _lora(settings: DemoSettings):
     from peft import LoraConfig
 
@@ -137,7 +154,10 @@ def train_online(model, tokenizer, problems, settings: DemoSettings, out: Path, 
     args = OnlineNCAConfig(
         **_training_args(settings, out, on_gpu),
         max_steps=settings.steps,
-        per_device_train_batch_size=per_step,  # one generation and one forward/backward per optimizer step
+        # one generation of batch_size * k completions per optimizer step (steps_per_generation defaults to the
+        # accumulation steps), learned from in passes of whole groups: each group's loss is the same, and the
+        # accumulated gradient the batch's mean, in the memory of one pass
+        **_micro_batches(settings, rows_per_question=settings.k),
         num_generations=settings.k,
         max_completion_length=settings.max_new_tokens,
         temperature=settings.temperature,
@@ -184,7 +204,7 @@ def train_offline(model, tokenizer, problems, settings: DemoSettings, out: Path,
     args = NCAConfig(
         **_training_args(settings, out, on_gpu),
         max_steps=steps,
-        per_device_train_batch_size=settings.batch_size,
+        **_micro_batches(settings, rows_per_question=1),
         max_length=256,
         eval_strategy="steps",
         eval_steps=max(1, steps // 3),
