@@ -365,9 +365,10 @@ def compare(groups: dict[tuple[str, str], list[dict]], baseline: str = "grpo",
                 f"{2.8 * float(np.std(per_seed, ddof=1)) / len(seeds) ** 0.5:.3f}" if len(seeds) > 1 else "n/a"
             )
             _, t_low, t_high = t_interval(list(per_seed))
+            t_text = f"[{t_low:+.3f}, {t_high:+.3f}]" if len(seeds) > 1 else "n/a"
             lines.append(
                 f"| {task_name} | {method} vs {baselines[0]} | {len(seeds)} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] "
-                f"| {verdict(low, high, method, baselines[0])} | [{t_low:+.3f}, {t_high:+.3f}] | {target} "
+                f"| {verdict(low, high, method, baselines[0])} | {t_text} | {target} "
                 f"| {early_text} | {detectable} |"
             )
             lines.append(
