@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from intervals import t_interval  # noqa: E402
 from online_tasks import task  # noqa: E402
 from online_vs_grpo import (  # noqa: E402
+    best_settings,
     cached_json,
     compare,
     evaluator,
@@ -318,9 +319,16 @@ def main(argv=None):
                         help="NCA and InfoNCA's alpha (rewards 0, 0.1, 1, 1.1): unless the method sets it")
     parser.add_argument("--trend_every", type=int, default=4, help="the likelihood trend every this many steps")
     parser.add_argument("--trend_prompts", type=int, default=32, help="questions of the scored set for the trend")
+    parser.add_argument("--best", action="store_true",
+                        help="print the setting chosen per method for each of --tasks (from tuning records) and stop")
     args = parse_study_args(parser, argv)
     if args.summarize:
         print(offline_summary(read_records(args), args.plot))
+        return
+    if args.best:  # one line per task: the methods, comma-separated, as --methods takes them
+        chosen = best_settings(read_records(args), METHODS)
+        for task_name in args.tasks.split(","):
+            print(task_name, ",".join(chosen[(task_name, m)][1] for m in METHODS if (task_name, m) in chosen))
         return
     run_study(args, run)
 

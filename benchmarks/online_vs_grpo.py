@@ -287,18 +287,33 @@ def summarize(records: list[dict], plot_path: str | None, known: tuple[str, ...]
     if split == {"validation"}:
         lines += ["", "Best setting per method and task on the validation set (mean end strict over the tuning seeds):",
                   ""]  # fmt: skip
-        best: dict[tuple[str, str], tuple[float, str]] = {}
-        for (task_name, method), runs in groups.items():
-            score = statistics.mean(r["final"]["strict"] for r in runs)
-            key = (task_name, parse_method(method, known)[0])
-            if key not in best or score > best[key][0]:
-                best[key] = (score, method)
+        best = best_settings(records, known)
         lines += [f"- {t} {m}: {spec} ({score:.3f})" for (t, m), (score, spec) in sorted(best.items())]
     elif any(r.get("split") == "test" for r in records):
         lines += ["", *compare(groups, baseline, known)]
     if plot_path:
         plot(groups, plot_path)
     return "\n".join(lines)
+
+
+def best_settings(records: list[dict], known: tuple[str, ...] = METHODS) -> dict[tuple[str, str], tuple[float, str]]:
+    """`{(task, method): (score, setting)}`: per task and method, the setting with the highest mean end strict
+    accuracy over the tuning seeds, among the settings run on as many seeds as the method's most (a setting with
+    fewer seeds done is not compared); a tie goes to the setting listed first in the records."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["task"], record["method"]), []).append(record)
+    most: dict[tuple[str, str], int] = {}
+    for (task_name, method), runs in groups.items():
+        key = (task_name, parse_method(method, known)[0])
+        most[key] = max(most.get(key, 0), len(runs))
+    best: dict[tuple[str, str], tuple[float, str]] = {}
+    for (task_name, method), runs in groups.items():
+        key = (task_name, parse_method(method, known)[0])
+        score = statistics.mean(r["final"]["strict"] for r in runs)
+        if len(runs) == most[key] and (key not in best or score > best[key][0]):
+            best[key] = (score, method)
+    return best
 
 
 def _matrix(runs: list[dict], seeds: list[int], at: int | None = None, key: str = "each_strict"):
