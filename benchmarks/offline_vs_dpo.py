@@ -195,9 +195,11 @@ def trend_rows(task_name: str, args, base, tokenizer, evaluation: list[dict]) ->
     """Held-out rows for the likelihood trend: K answers sampled once from the start to the first `--trend_prompts`
     questions of the scored set, those with a signal; kept beside the records (`PATH.trend.json`)."""
     key = f"{task_name}/{args.split}/{args.trend_prompts}/{args.k}/{args.model_dir}"
-    sample = lambda: with_signal(  # noqa: E731
-        sample_rows(base, tokenizer, evaluation[: args.trend_prompts], task(task_name), args, TREND_SEED)
-    )
+
+    def sample():
+        questions = evaluation[: args.trend_prompts]
+        return with_signal(sample_rows(base, tokenizer, questions, task(task_name), args, TREND_SEED))
+
     return cached_json(Path(f"{args.records}.trend.json"), key, sample)
 
 
@@ -247,14 +249,16 @@ def likelihood_table(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
     change with a 95% t interval over seeds, and how many seeds ended below their start."""
     lines = ["The best answer's log-likelihood on the held-out trend rows (mean over seeds; change with its 95% t "
              "interval over seeds):", "",
-             "| task | method | seeds | start | end | change [95% t interval] | seeds that fell |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| task | method | seeds | start | end | change [95% t interval] | seeds that fell |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for (task_name, method), runs in sorted(groups.items()):
         first = [r["likelihood"][0]["logps_best"] for r in runs]
         last = [r["likelihood"][-1]["logps_best"] for r in runs]
         change, low, high = t_interval([b - a for a, b in zip(first, last)])
         fell = sum(b < a for a, b in zip(first, last))
         lines.append(f"| {task_name} | {method} | {len(runs)} | {statistics.fmean(first):.2f} | "
-                     f"{statistics.fmean(last):.2f} | {change:+.2f} [{low:+.2f}, {high:+.2f}] | {fell} of {len(runs)} |")  # fmt: skip
+                     f"{statistics.fmean(last):.2f} | {change:+.2f} [{low:+.2f}, {high:+.2f}] "
+                     f"| {fell} of {len(runs)} |")  # fmt: skip
     return lines
 
 

@@ -96,13 +96,15 @@ def test_best_logps_is_the_trainers_logps_best_and_dpos_logps_chosen(tokenizer, 
 
     rows = with_signal(ROWS)
     ours = best_logps(model, tokenizer, rows, batch_size=1)
-    assert best_logps(model, tokenizer, rows, batch_size=16) == pytest.approx(ours, abs=1e-4)  # padding changes nothing
+    # padding changes nothing
+    assert best_logps(model, tokenizer, rows, batch_size=16) == pytest.approx(ours, abs=1e-4)
     nca = NCATrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=nca_args(tmp_path),
                      train_dataset=Dataset.from_list(rows), processing_class=tokenizer)  # fmt: skip
     assert nca.evaluate(Dataset.from_list(rows))["eval_logps/best"] == pytest.approx(ours, abs=1e-3)
     dpo = DPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=dpo_args(tmp_path),
                      train_dataset=Dataset.from_list(best_worst_pairs(rows)), processing_class=tokenizer)  # fmt: skip
-    assert dpo.evaluate(Dataset.from_list(best_worst_pairs(rows)))["eval_logps/chosen"] == pytest.approx(ours, abs=1e-3)
+    pairs = Dataset.from_list(best_worst_pairs(rows))
+    assert dpo.evaluate(pairs)["eval_logps/chosen"] == pytest.approx(ours, abs=1e-3)
 
 
 def _record(method, seed, trend, final="1100"):
@@ -120,7 +122,8 @@ def test_likelihood_table_and_band_over_seeds():
     # the band keeps the steps every run measured; each point is the mean over seeds with its t interval
     band = likelihood_band(runs)
     assert [b[0] for b in band] == [0, 4, 8]
-    assert band[1][1] == pytest.approx(-7.0) and band[1][2] == pytest.approx(-7.0 - 12.706 * 0.5, abs=1e-3)  # sd 0.707, / sqrt(2)
+    # at step 4: -6.5 and -7.5, mean -7.0, sd 0.707, half-width t(0.975, 1) * 0.707 / sqrt(2)
+    assert band[1][1] == pytest.approx(-7.0) and band[1][2] == pytest.approx(-7.0 - 12.706 * 0.5, abs=1e-3)
     assert [b[0] for b in likelihood_band(runs + dpo)] == [0, 8]
     text = "\n".join(likelihood_table({("t", "nca"): runs, ("t", "dpo"): dpo}))
     # nca: changes +1.0 and +0.2 (mean +0.6, sd 0.566); dpo: -2.0 and -3.0, both seeds fell
