@@ -49,6 +49,7 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
+from intervals import paired_interval, t_interval  # noqa: E402,F401 - paired_interval: the tests import it here
 from online_tasks import score_answers, task  # noqa: E402
 
 METHODS = ("nca", "grpo", "offline-nca", "infonca")
@@ -62,11 +63,12 @@ def split_methods(text: str) -> list[str]:
     return [spec for spec in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", text) if spec.strip()]
 
 
-def parse_method(spec: str) -> tuple[str, dict]:
-    """`"nca[reward_temperature=0.5,k=4]"` -> `("nca", {"reward_temperature": 0.5, "k": 4})`."""
-    match = re.fullmatch(r"([a-z-]+)(?:\[(.*)\])?", spec)
-    if match is None or match.group(1) not in METHODS:
-        raise ValueError(f"unknown method {spec!r}: one of {METHODS}, optionally with [knob=value,...]")
+def parse_method(spec: str, known: tuple[str, ...] = METHODS) -> tuple[str, dict]:
+    """`"nca[reward_temperature=0.5,k=4]"` -> `("nca", {"reward_temperature": 0.5, "k": 4})`; `known`: the study's
+    methods (the offline study has its own)."""
+    match = re.fullmatch(r"([a-z_-]+)(?:\[(.*)\])?", spec)
+    if match is None or match.group(1) not in known:
+        raise ValueError(f"unknown method {spec!r}: one of {known}, optionally with [knob=value,...]")
     knobs = {}
     for item in filter(None, (match.group(2) or "").split(",")):
         key, value = item.split("=")
@@ -248,9 +250,10 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.stdev(values):.3f}" if len(values) > 1 else "n/a"
 
 
-def summarize(records: list[dict], plot_path: str | None) -> str:
+def summarize(records: list[dict], plot_path: str | None, known: tuple[str, ...] = METHODS,
+              baseline: str = "grpo") -> str:
     """The table per (task, method), the best setting per method on validation records, and on test records the
-    paired comparison of every method with the task's GRPO run (the primary endpoint)."""
+    paired comparison of every method with the task's `baseline` run (the primary endpoint)."""
     split = {r.get("split", "heldout") for r in records}
     lines = [f"Records: {len(records)} runs, evaluated on: {', '.join(sorted(split))}", "",
              "| task | method | seeds | start strict | end strict (mean ± sd) | change | end anywhere | completions "
@@ -284,18 +287,33 @@ def summarize(records: list[dict], plot_path: str | None) -> str:
     if split == {"validation"}:
         lines += ["", "Best setting per method and task on the validation set (mean end strict over the tuning seeds):",
                   ""]  # fmt: skip
-        best: dict[tuple[str, str], tuple[float, str]] = {}
-        for (task_name, method), runs in groups.items():
-            score = statistics.mean(r["final"]["strict"] for r in runs)
-            key = (task_name, parse_method(method)[0])
-            if key not in best or score > best[key][0]:
-                best[key] = (score, method)
+        best = best_settings(records, known)
         lines += [f"- {t} {m}: {spec} ({score:.3f})" for (t, m), (score, spec) in sorted(best.items())]
     elif any(r.get("split") == "test" for r in records):
-        lines += ["", *compare(groups)]
+        lines += ["", *compare(groups, baseline, known)]
     if plot_path:
         plot(groups, plot_path)
     return "\n".join(lines)
+
+
+def best_settings(records: list[dict], known: tuple[str, ...] = METHODS) -> dict[tuple[str, str], tuple[float, str]]:
+    """`{(task, method): (score, setting)}`: per task and method, the setting with the highest mean end strict
+    accuracy over the tuning seeds, among the settings run on as many seeds as the method's most (a setting with
+    fewer seeds done is not compared); a tie goes to the setting listed first in the records."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["task"], record["method"]), []).append(record)
+    most: dict[tuple[str, str], int] = {}
+    for (task_name, method), runs in groups.items():
+        key = (task_name, parse_method(method, known)[0])
+        most[key] = max(most.get(key, 0), len(runs))
+    best: dict[tuple[str, str], tuple[float, str]] = {}
+    for (task_name, method), runs in groups.items():
+        key = (task_name, parse_method(method, known)[0])
+        score = statistics.mean(r["final"]["strict"] for r in runs)
+        if len(runs) == most[key] and (key not in best or score > best[key][0]):
+            best[key] = (score, method)
+    return best
 
 
 def _matrix(runs: list[dict], seeds: list[int], at: int | None = None, key: str = "each_strict"):
@@ -311,23 +329,6 @@ def _matrix(runs: list[dict], seeds: list[int], at: int | None = None, key: str 
     return np.array(rows, dtype=float)
 
 
-def paired_interval(diff, resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
-    """The mean of a seeds x questions matrix of paired differences, and a 95% percentile interval from a bootstrap
-    that resamples seeds and questions (both with replacement, the same questions for every seed): the spread of
-    the training runs and of the test set both count."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    n_seeds, n_questions = diff.shape
-    means = np.empty(resamples)
-    for i in range(resamples):
-        seeds = rng.integers(0, n_seeds, n_seeds)
-        questions = rng.integers(0, n_questions, n_questions)
-        means[i] = diff[np.ix_(seeds, questions)].mean()
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(low), float(high)
-
-
 def verdict(low: float, high: float, first: str, second: str, margin: float = 0.03) -> str:
     if -margin <= low and high <= margin:
         return f"tie (the interval lies inside ±{margin})"
@@ -338,34 +339,39 @@ def verdict(low: float, high: float, first: str, second: str, margin: float = 0.
     return "not separated (the interval holds 0 and reaches past ±0.03)"
 
 
-def compare(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
-    """Every method against its task's GRPO run, paired by seed (same training questions, same start) and by test
-    question. Primary endpoint: final strict accuracy on the test set at equal completions. Second target: the
-    method's accuracy at <= 75% of the completions against GRPO's final accuracy."""
+def compare(groups: dict[tuple[str, str], list[dict]], baseline: str = "grpo",
+            known: tuple[str, ...] = METHODS) -> list[str]:
+    """Every method against its task's `baseline` run, paired by seed (same training questions, same start) and by
+    test question. Primary endpoint: final strict accuracy on the test set at equal completions; beside the
+    bootstrap interval (which the verdict reads), Student's t interval over the per-seed differences
+    (`intervals.py` says why both). Second target: the method's accuracy at <= 75% of the completions against the
+    baseline's final accuracy."""
     import numpy as np
 
-    lines = ["Paired against GRPO (difference = method - GRPO; 95% bootstrap interval over seeds and questions):", "",
-             "| task | method | paired seeds | final difference [95% CI] | verdict | >= +0.03 with CI above 0 "
-             "| at <= 75% of completions - GRPO final [95% CI] | smallest effect detectable (80% power) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"Paired against {baseline} (difference = method - {baseline}; 95% bootstrap interval over seeds and "
+             "questions, and 95% t interval over seeds):", "",
+             "| task | method | paired seeds | final difference [95% bootstrap] | verdict | [95% t interval] "
+             f"| >= +0.03 with CI above 0 | at <= 75% of completions - {baseline} final [95% CI] "
+             "| smallest effect detectable (80% power) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for task_name in sorted({t for t, _ in groups}):
-        baselines = [m for t, m in groups if t == task_name and parse_method(m)[0] == "grpo"]
+        baselines = [m for t, m in groups if t == task_name and parse_method(m, known)[0] == baseline]
         if len(baselines) != 1:
             continue
-        baseline = groups[(task_name, baselines[0])]
+        base_runs = groups[(task_name, baselines[0])]
         for (t, method), runs in sorted(groups.items()):
             if t != task_name or method == baselines[0]:
                 continue
-            seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in baseline})
+            seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in base_runs})
             if not seeds:
                 continue
-            diff = _matrix(runs, seeds) - _matrix(baseline, seeds)
+            diff = _matrix(runs, seeds) - _matrix(base_runs, seeds)
             mean, low, high = paired_interval(diff)
             target = "met" if mean >= 0.03 and low > 0 else "not met"
             total = runs[0]["completions"]
             early = [p["completions"] for p in runs[0]["points"] if 0 < p["completions"] <= 0.75 * total]
             if early:
-                e_mean, e_low, e_high = paired_interval(_matrix(runs, seeds, at=early[-1]) - _matrix(baseline, seeds))
+                e_mean, e_low, e_high = paired_interval(_matrix(runs, seeds, at=early[-1]) - _matrix(base_runs, seeds))
                 early_text = f"at {early[-1]}: {e_mean:+.3f} [{e_low:+.3f}, {e_high:+.3f}]"
             else:
                 early_text = "not scored"
@@ -373,12 +379,15 @@ def compare(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
             detectable = (
                 f"{2.8 * float(np.std(per_seed, ddof=1)) / len(seeds) ** 0.5:.3f}" if len(seeds) > 1 else "n/a"
             )
+            _, t_low, t_high = t_interval(list(per_seed))
+            t_text = f"[{t_low:+.3f}, {t_high:+.3f}]" if len(seeds) > 1 else "n/a"
             lines.append(
                 f"| {task_name} | {method} vs {baselines[0]} | {len(seeds)} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] "
-                f"| {verdict(low, high, method, baselines[0])} | {target} | {early_text} | {detectable} |"
+                f"| {verdict(low, high, method, baselines[0])} | {t_text} | {target} "
+                f"| {early_text} | {detectable} |"
             )
             lines.append(
-                f"|  | per seed: {', '.join(f'{d:+.3f}' for d in per_seed)} |  |  |  |  |  |  |"
+                f"|  | per seed: {', '.join(f'{d:+.3f}' for d in per_seed)} |  |  |  |  |  |  |  |"
             )
     return lines
 
@@ -410,9 +419,10 @@ def plot(groups, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="nca,grpo", help="comma-separated; knobs in brackets")
+def study_parser(description: str, methods: str, steps: int, k: int, out: str) -> argparse.ArgumentParser:
+    """The options both studies share (the offline study adds its own): what runs, where it is scored, the records."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--methods", default=methods, help="comma-separated; knobs in brackets")
     parser.add_argument("--tasks", default="arithmetic,twodigit")
     parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9")
     parser.add_argument("--split", default="test", choices=("validation", "test"),
@@ -420,14 +430,13 @@ def main(argv=None):
     parser.add_argument("--eval_prompts", type=int, default=None,
                         help="size of the fixed evaluation set (default: 256 test, 128 validation)")
     parser.add_argument("--model_dir", default="runs/smollm2")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps (one generation each, online)")
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     parser.add_argument("--prompts_per_step", type=int, default=4)
-    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--k", type=int, default=k)
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="unless the method sets learning_rate=")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--eval_every", type=int, default=8, help="scores every this many generations (and at the end)")
-    parser.add_argument("--out", default="runs/online_vs_grpo")
+    parser.add_argument("--out", default=out)
     parser.add_argument(
         "--records",
         required=True,
@@ -437,16 +446,26 @@ def main(argv=None):
         "--summarize", action="store_true", help="print the table of the --tasks and --methods in --records and stop"
     )
     parser.add_argument("--plot", default=None)
+    return parser
+
+
+def parse_study_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.eval_prompts is None:
         args.eval_prompts = 256 if args.split == "test" else 128
+    return args
 
-    if args.summarize:  # several record files may be summarized together
-        records = [json.loads(line) for p in args.records.split(",") for line in Path(p).read_text().splitlines()]
-        tasks, methods = args.tasks.split(","), split_methods(args.methods)
-        records = [r for r in records if r["task"] in tasks and r["method"] in methods]
-        print(summarize(records, args.plot))
-        return
+
+def read_records(args) -> list[dict]:
+    """The records of `--records` (several files, comma-separated) of the `--tasks` and `--methods` asked for."""
+    records = [json.loads(line) for p in args.records.split(",") for line in Path(p).read_text().splitlines()]
+    tasks, methods = args.tasks.split(","), split_methods(args.methods)
+    return [r for r in records if r["task"] in tasks and r["method"] in methods]
+
+
+def run_study(args, run_one) -> None:
+    """Every (seed, task, method) of `args` not yet in `--records`: `run_one(method, task, seed, args, base,
+    tokenizer, evaluation, start)` returns a run's record, appended as one JSON line as soon as it ends."""
     path = Path(args.records)
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     for record in records:  # one file, one evaluation set: a tuning run is never summarized as a test run
@@ -469,7 +488,7 @@ def main(argv=None):
             if task_name not in starts:  # the start is the same model and set for every seed: scored once
                 starts[task_name] = start_scores(path, task_name, args, lambda: evaluator(tokenizer, evaluation)(base))
             for method in todo:
-                record = run(method, task_name, seed, args, base, tokenizer, evaluation, starts[task_name])
+                record = run_one(method, task_name, seed, args, base, tokenizer, evaluation, starts[task_name])
                 record["settings"] = {k: v for k, v in vars(args).items() if k not in ("records", "summarize")}
                 with path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -477,14 +496,29 @@ def main(argv=None):
                       flush=True)  # fmt: skip
 
 
+def main(argv=None):
+    parser = study_parser(__doc__.splitlines()[0], "nca,grpo", steps=8, k=8, out="runs/online_vs_grpo")
+    parser.add_argument("--eval_every", type=int, default=8, help="scores every this many generations (and at the end)")
+    args = parse_study_args(parser, argv)
+    if args.summarize:  # several record files may be summarized together
+        print(summarize(read_records(args), args.plot))
+        return
+    run_study(args, run)
+
+
 def start_scores(path: Path, task_name: str, args, score) -> dict:
     """The starting model's scores on the evaluation set, kept beside the records (`PATH.start.json`) so that
     parallel and resumed runs score it once."""
-    cache = Path(f"{path}.start.json")
     key = f"{task_name}/{args.split}/{args.eval_prompts}/{args.model_dir}"
+    return cached_json(Path(f"{path}.start.json"), key, score)
+
+
+def cached_json(cache: Path, key: str, compute):
+    """`compute()`'s value under `key` in the JSON file `cache`, computed once: what a study needs once per task
+    (the start's scores, fixed rows), shared by its parallel and resumed runs."""
     known = json.loads(cache.read_text()) if cache.exists() else {}
     if key not in known:
-        known[key] = score()
+        known[key] = compute()
         latest = json.loads(cache.read_text()) if cache.exists() else {}
         cache.write_text(json.dumps({**latest, **known}))
     return known[key]

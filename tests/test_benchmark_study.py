@@ -187,6 +187,9 @@ def test_compare_pairs_by_seed_and_question_and_checks_both_targets():
     text = "\n".join(compare({("t", "grpo"): grpo, ("t", "nca"): nca}))
     # 4 questions, one differs: resampling questions gives 0 to 3 copies of it
     assert "| t | nca vs grpo | 3 | +0.250 [+0.000, +0.750] | not separated" in text
+    # the t interval over seeds: every seed +0.25, no spread between seeds, so it is the point (the test set is
+    # taken as fixed there, where the bootstrap resamples it)
+    assert "reaches past ±0.03) | [+0.250, +0.250] | not met |" in text
     assert "at 192: +0.000 [+0.000, +0.000]" in text
     assert "| not met |" in text  # the interval reaches 0: not "above 0"
     assert "per seed: +0.250, +0.250, +0.250" in text
@@ -198,7 +201,7 @@ def test_summarize_prints_na_for_the_spread_of_one_run_and_compares_on_test_reco
     text = summarize(grpo + nca, None)
     assert "| t | grpo | 1 | 0.000 | 0.250 ± n/a | +0.250 |" in text
     # one seed: only the questions are resampled (3 of 4 differ by 1)
-    assert "nca vs grpo | 1 | +0.750 [+0.250, +1.000] | nca ahead | met | not scored | n/a |" in text
+    assert "nca vs grpo | 1 | +0.750 [+0.250, +1.000] | nca ahead | n/a | met | not scored | n/a |" in text
 
 
 def test_a_records_file_holds_one_evaluation_set(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 from datasets import Dataset
 
 from trl_nca import cli
+from trl_nca.demo import DemoSettings
 from trl_nca.demo.arithmetic import arithmetic_reward, extract_answer, is_clear, make_problems
 from trl_nca.generation import build_reward_dataset
 from trl_nca.rewards import resolve_reward
@@ -117,3 +118,17 @@ def test_plot_command_writes_a_png_from_a_saved_log_history(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "Wrote" in capsys.readouterr().out
     assert cli.main(["plot", str(tmp_path / "empty")]) == 2
+
+
+def test_the_demo_scores_the_test_set_or_while_choosing_settings_the_validation_set():
+    from trl_nca.demo.arithmetic import fixed_test_set, space
+    from trl_nca.demo.run import heldout_set
+
+    test = heldout_set(DemoSettings())
+    validation = heldout_set(DemoSettings(heldout_split="validation"))
+    assert test == fixed_test_set(96) and len(validation) == 96
+    train = space().facts(make_problems(96, seed=0))
+    assert not space().facts(validation) & space().facts(test)
+    assert not train & space().facts(validation) and not train & space().facts(test)
+    with pytest.raises(ValueError, match="--heldout_split must be one of"):
+        heldout_set(DemoSettings(heldout_split="train"))

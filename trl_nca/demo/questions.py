@@ -6,7 +6,9 @@ alone, not by a seed, so every seed, the demo and the benchmarks agree on it:
 
 - training questions are drawn from the train side (kinds by the task's weights, then uniformly), one set per seed;
 - the validation and test sets are fixed: the same questions for every seed, stratified by kind (each kind's share
-  follows the task's weights as far as that kind's side has questions), each question once.
+  follows the task's weights as far as that kind's side has questions), each question string once. A fact may be
+  asked both ways within a set (`3 * 7` and `7 * 3`): count facts, not questions, where sets are compared
+  (`facts`).
 
 Tuning reads the validation set only; reported numbers come from the test set.
 """
@@ -97,7 +99,7 @@ class QuestionSpace:
 
     def fixed(self, side: str, n: int) -> list[dict]:
         """The fixed validation or test set of `n` questions: the same for every seed, stratified by kind, each
-        question once, the kinds interleaved."""
+        question string once (a fact may come both ways), the kinds interleaved."""
         if side not in ("validation", "test"):
             raise ValueError(f"side must be 'validation' or 'test', got {side!r}")
         pools = self.sides[side]

@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..config_fields import REFERENCES
-from .arithmetic import arithmetic_reward, extract_answer, fixed_test_set, make_problems
+from .arithmetic import arithmetic_reward, extract_answer, fixed_test_set, make_problems, space
 
 MODES = ("online", "offline")
+SPLITS = ("test", "validation")
 
 
 def _setting(default, text: str):
@@ -39,6 +40,9 @@ class DemoSettings:
     train_prompts: int = _setting(96, "online: the pool of training questions; offline: the questions sampled once")
     heldout_prompts: int = _setting(
         96, "questions of the fixed test set (never trained on) scored greedily before and after"
+    )
+    heldout_split: str = _setting(
+        "test", "where held-out accuracy is scored: the fixed test set, or the validation set (to choose settings)"
     )
     k: int = _setting(8, "answers sampled per question (K)")
     batch_size: int = _setting(4, "questions per optimizer step")
@@ -94,6 +98,16 @@ def heldout_accuracy(model, tokenizer, problems, max_new_tokens: int = 40) -> tu
     texts = [a[0] for a in answers]
     correct = sum(extract_answer(t) == p["answer"] for t, p in zip(texts, problems, strict=True))
     return correct / len(problems), texts
+
+
+def heldout_set(settings: DemoSettings) -> list[dict]:
+    """The fixed set that held-out accuracy is scored on, which no training question shares a fact with: the test
+    set, or the validation set where settings are being chosen (so that the test set plays no part in choosing)."""
+    if settings.heldout_split not in SPLITS:
+        raise ValueError(f"--heldout_split must be one of {SPLITS}, got {settings.heldout_split!r}")
+    if settings.heldout_split == "test":
+        return fixed_test_set(settings.heldout_prompts)
+    return space().fixed("validation", settings.heldout_prompts)
 
 
 def local_run_args(seed: int, on_gpu: bool) -> dict:
@@ -246,6 +260,7 @@ def run_demo(settings: DemoSettings) -> dict:
 
     if settings.mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {settings.mode!r}")
+    heldout = heldout_set(settings)  # checks the split before anything loads
     start = time.time()
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,7 +268,6 @@ def run_demo(settings: DemoSettings) -> dict:
     model, tokenizer = load_model(settings.model_dir)
 
     train_problems = make_problems(settings.train_prompts, seed=settings.seed)
-    heldout = fixed_test_set(settings.heldout_prompts)  # the fixed test set: no training question shares a fact
     before, _ = heldout_accuracy(model, tokenizer, heldout)
     print(f"Held-out accuracy before training: {before:.3f}")
 
@@ -270,6 +284,7 @@ def run_demo(settings: DemoSettings) -> dict:
         "accuracy_before": before,
         "accuracy_after": after,
         "heldout_prompts": len(heldout),
+        "heldout_split": settings.heldout_split,
         "train_prompts": len(train_problems),
         "k": settings.k,
         "steps": trainer.state.global_step,
@@ -330,16 +345,20 @@ def make_parser() -> argparse.ArgumentParser:
             f"--{setting.name}",
             type=type(value),
             default=None,
-            choices={"mode": MODES, "reference": REFERENCES}.get(setting.name),
+            choices={"mode": MODES, "reference": REFERENCES, "heldout_split": SPLITS}.get(setting.name),
             help=f"{setting.metadata['help']} ({default})",
         )
     return parser
 
 
-def cli(argv: list[str]) -> int:
+def settings_from_args(argv: list[str]) -> DemoSettings:
+    """The settings `trl-nca demo ARGV` runs with."""
     args = vars(make_parser().parse_args(argv))
     quick = args.pop("quick")
     overrides = {k: v for k, v in args.items() if v is not None}
-    settings = DemoSettings.quick(**overrides) if quick else DemoSettings(**overrides)
-    run_demo(settings)
+    return DemoSettings.quick(**overrides) if quick else DemoSettings(**overrides)
+
+
+def cli(argv: list[str]) -> int:
+    run_demo(settings_from_args(argv))
     return 0
