@@ -289,7 +289,11 @@ def main(argv=None):
         if args.model_type in TINY_LAYERS:
             tiny["layer_types"] = TINY_LAYERS[args.model_type]
         config = AutoConfig.for_model(args.model_type, **tiny, attn_implementation="sdpa")
-        base = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+        try:
+            base = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+        except ValueError:  # a family without sdpa (Gemma 2's attention softcap): its eager attention
+            config._attn_implementation = "eager"
+            base = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     elif args.random_init:
         torch.manual_seed(args.seed)
         folder = args.model_dir

@@ -198,3 +198,24 @@ def test_trls_fused_head_in_the_grouped_forward_gives_grpos_values(setting, toke
     for got, want in zip(grads_of(trainer, ours + our_entropy, real, weights),
                          grads_of(trainer, theirs + their_entropy, real, weights)):  # fmt: skip
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batches_of_whole_groups_make_the_same_update(tokenizer, tmp_path):
+    """The demo's schedule: 4 prompts x K = 4 generated per optimizer step and learned from one group per pass
+    (gradient accumulation 4) makes the update of one pass over all 16 completions (SGD, so the step is the
+    gradient): each group's NCA loss is the same, and the accumulated gradient their mean."""
+
+    def run(per_device, accumulation):
+        args = online_args(tmp_path / f"{per_device}", per_device_train_batch_size=per_device,
+                           gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=0.5,
+                           logging_steps=1, seed=0)  # fmt: skip
+        trainer = OnlineNCATrainer(model=build_model(tokenizer), reward_funcs=length_reward, args=args,
+                                   train_dataset=prompts_dataset(), processing_class=tokenizer, peft_config=lora(),
+                                   rollout_func=deterministic_rollout)  # fmt: skip
+        trainer.train()
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora" in n}
+
+    whole, micro = run(16, 1), run(4, 4)
+    assert any(value.abs().sum() > 0 for name, value in whole.items() if "lora_B" in name)
+    for name, value in whole.items():
+        torch.testing.assert_close(micro[name], value, rtol=1e-4, atol=1e-6, msg=name)
