@@ -1,7 +1,7 @@
 """Where the demo's memory goes: resident memory (RSS) sampled every 50 ms while `trl-nca demo` runs, by phase.
 
-The phases are the demo's own steps (model load, held-out scoring before, then per forward and backward pass the
-pass itself, with the generation and scoring of completions inside the pass it feeds; held-out scoring after), marked by
+The phases are the demo's own steps (model load, held-out scoring before, then each forward and backward pass,
+with the generation and scoring of completions inside the pass it feeds; held-out scoring after), marked by
 wrapping the functions that run them. For each phase: the peak RSS while it ran and the RSS when it ended (both in
 GB, of the whole process); the last line is the run's peak, which `/usr/bin/time -v` reports as "Maximum resident
 set size". `--trim` returns freed heap memory to the system after each phase (glibc's `malloc_trim(0)`), to show how

@@ -132,3 +132,17 @@ def test_the_demo_scores_the_test_set_or_while_choosing_settings_the_validation_
     assert not train & space().facts(validation) and not train & space().facts(test)
     with pytest.raises(ValueError, match="--heldout_split must be one of"):
         heldout_set(DemoSettings(heldout_split="train"))
+
+
+def test_the_demo_learns_a_step_in_passes_of_whole_questions():
+    """`--micro_batch` splits a step's questions into passes of whole groups (gradients accumulated): K rows per
+    question online, one K-answer row per question offline; a size that does not divide the step is refused."""
+    from trl_nca.demo.run import _micro_batches
+
+    settings = DemoSettings(k=8, batch_size=4, micro_batch=1)
+    assert _micro_batches(settings, rows_per_question=8) == {"per_device_train_batch_size": 8,
+                                                             "gradient_accumulation_steps": 4}  # fmt: skip
+    assert _micro_batches(DemoSettings(batch_size=4, micro_batch=2), rows_per_question=1) == {
+        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}  # fmt: skip
+    with pytest.raises(ValueError, match="--micro_batch 3 must divide --batch_size 4"):
+        _micro_batches(DemoSettings(batch_size=4, micro_batch=3), rows_per_question=8)

@@ -47,8 +47,9 @@ class DemoSettings:
     k: int = _setting(8, "answers sampled per question (K)")
     batch_size: int = _setting(4, "questions per optimizer step")
     micro_batch: int = _setting(
-        1, "questions per forward and backward pass (gradients accumulated over batch_size / micro_batch passes): "
-        "the same update in less memory"
+        1,
+        "questions per forward and backward pass (gradients accumulated over batch_size / micro_batch passes): "
+        "the same update in less memory",
     )
     steps: int = _setting(10, "online: optimizer steps, one generation each")
     epochs: int = _setting(2, "offline: passes over the sampled rows")
