@@ -106,8 +106,8 @@ def test_the_online_recipe_trains_on_the_train_side_only():
 STUDIES = (
     ("online_vs_grpo_test.jsonl", "test", 256, 40),
     ("online_vs_grpo_tuning.jsonl", "validation", 128, 14),
-    ("offline_vs_dpo_test.jsonl", "test", 256, 0),
-    ("offline_vs_dpo_tuning.jsonl", "validation", 128, 0),
+    ("offline_vs_dpo_test.jsonl", "test", 256, 40),
+    ("offline_vs_dpo_tuning.jsonl", "validation", 128, 25),
 )
 
 
