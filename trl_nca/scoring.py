@@ -230,7 +230,7 @@ class _PrefixCache(DynamicCache):
 
     def update_recurrent_state(self, recurrent_states, layer_idx, state_idx=0, **kwargs):
         # the layer's final state after this call's tokens, not written over the prompt's (which its backward needs)
-        return recurrent_states if isinstance(recurrent_states, torch.Tensor) else recurrent_states[-1]
+        return _final_state(recurrent_states)
 
     @classmethod
     def of(cls, recording: _RecordingCache, batch: int) -> _PrefixCache:
@@ -246,6 +246,11 @@ class _PrefixCache(DynamicCache):
             if index in recording.states:  # a state: the prompt's, one copy per response (updated in place)
                 _continue(layer, recording.states[index], batch)
         return cache
+
+
+def _final_state(recurrent_states):
+    """A state layer's state after its last token: the tensor, or the last of the per-step states it passes."""
+    return recurrent_states if isinstance(recurrent_states, torch.Tensor) else recurrent_states[-1]
 
 
 def _continue(layer, prompt, batch: int) -> None:
@@ -302,7 +307,7 @@ class _RecordingCache(DynamicCache):
     def update_recurrent_state(self, recurrent_states, layer_idx, state_idx=0, **kwargs):
         if not self.layers[layer_idx].is_recurrent_states_initialized[state_idx]:
             return super().update_recurrent_state(recurrent_states, layer_idx, state_idx)
-        return recurrent_states if isinstance(recurrent_states, torch.Tensor) else recurrent_states[-1]
+        return _final_state(recurrent_states)
 
 
 def has_state_layers(config) -> bool:
